@@ -1,0 +1,1 @@
+"""Driver side: config tree, batch container, data, algorithms, rewards and trainers (`python -m RL.main`)."""

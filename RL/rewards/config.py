@@ -1,0 +1,26 @@
+"""Config sections of the reward worker (`worker.reward`) and the API judge (`worker.rule_based_judge`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RewardConfig:
+    reward_function: str = "RL/rewards/vlpo.py:vlpo_reward"  # path.py:fn (or package.module:fn)
+    reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
+    reward_type: str = "batch"  # batch: fn(list of samples) | sequential: fn(one sample)
+    repetition_penalty: bool = False  # judge answers 1 / 0 / -1 (incorrect and repetitive)
+    length_penalty_weight: float = 0.0
+
+
+@dataclass
+class JudgeConfig:
+    api_name: str = ""  # "" = rules only; gemini-* | deepseek-* | any other name = OpenAI-compatible endpoint
+    api_base_url: str = ""  # overrides the provider's endpoint (gateways, local servers)
+    api_kwargs: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1, "max_tokens": 1024})
+    max_concurrency: int = 16
+    requests_per_minute: int = 600
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    use_cache: bool = True  # persistent verdict cache in the run folder

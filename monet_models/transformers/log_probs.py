@@ -1,0 +1,47 @@
+"""Per-position log-likelihoods of a sequence with text tokens and latent steps (DESIGN.md, VLPO objective).
+
+Both use the usual causal shift: the value for position p comes from the model's output at p-1. For a latent
+pad that output is the mean that produced z_p (not the position z_p is fed into), so the Gaussian is centred on
+the prediction of the step that generated it.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) at `tokens`; logits (..., V) already aligned with tokens (...). fp32."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def latent_log_density(latents: torch.Tensor, means: torch.Tensor, sigma: float, scale_by_dim: bool = False):
+    """−‖z − μ‖² / (2σ²) per latent (constants dropped), in fp32; optionally divided by the dimension."""
+    diff = latents.float() - means.float()
+    value = -(diff * diff).sum(-1) / (2.0 * sigma * sigma)
+    return value / diff.shape[-1] if scale_by_dim else value
+
+
+def sequence_log_probs(
+    logits: torch.Tensor,
+    hidden_states: torch.Tensor,
+    input_ids: torch.Tensor,
+    latent_embeds: torch.Tensor | None,
+    latent_pad_id: int,
+    temperature: float = 1.0,
+    sigma: float = 10.0,
+    scale_by_dim: bool = False,
+) -> torch.Tensor:
+    """Log-likelihood of positions 1..L-1 (shape B, L-1): token log-probs, Gaussian terms at latent pads."""
+    targets = input_ids[:, 1:]
+    values = token_log_probs(logits[:, :-1], targets, temperature)
+    latent_mask = targets == latent_pad_id
+    count = int(latent_mask.sum())
+    if count:
+        if latent_embeds is None or latent_embeds.shape[0] != count:
+            got = 0 if latent_embeds is None else latent_embeds.shape[0]
+            raise ValueError(f"{got} latent vectors for {count} latent pads")
+        means = hidden_states[:, :-1][latent_mask]
+        density = latent_log_density(latent_embeds, means, sigma, scale_by_dim)
+        values = values.masked_scatter(latent_mask, density)
+    return values

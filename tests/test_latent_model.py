@@ -70,7 +70,7 @@ def test_teacher_forced_forward_equals_stepwise_decode(model_and_processor):
     assert (forced_hidden - step_hidden).abs().max() <= 1e-4
     # Latent means at the producing position reproduce the fed vectors: log-density 0 on-policy without noise.
     log_probs = sequence_log_probs(out.logits, out.hidden_states, full_ids, latent_embeds, tokens.pad, sigma=1.0)
-    pad_positions = full_ids[:, 1:] == tokens.pad
+    pad_positions = full_ids == tokens.pad
     assert pad_positions.sum() == batch * K
     assert log_probs[pad_positions].abs().max() <= 1e-6
 
@@ -107,3 +107,38 @@ def test_add_latent_tokens_extends_a_tokenizer_without_them(model_and_processor)
     vocab = tokenizer.get_vocab()
     assert "<abs_vis_token>" in vocab  # the tiny tokenizer already has them: adding again is a no-op
     assert add_latent_tokens(tokenizer) == 0
+
+
+def test_packed_forward_equals_padded_forward(model_and_processor):
+    from monet_models.transformers.packing import pack, unpack
+
+    model, processor = model_and_processor
+    enc = encode_prompts(processor, ["What colour is the shape?", "Which?"], [coloured_image(), coloured_image(size=84)])
+    ids, mask, pixels, grid = enc["input_ids"], enc["attention_mask"], enc["pixel_values"], enc["image_grid_thw"]
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, latent_mode=True)
+        positions, _ = model.mrope_positions(ids, mask, grid)
+        packed_ids, packed_positions, keep = pack(ids, mask, positions)
+        packed = model(input_ids=packed_ids, position_ids=packed_positions, pixel_values=pixels, image_grid_thw=grid,
+                       latent_mode=True)
+    assert (unpack(packed.logits, keep)[keep] - padded.logits[keep]).abs().max() <= 1e-4
+    assert (unpack(packed.hidden_states, keep)[keep] - padded.hidden_states[keep]).abs().max() <= 1e-4
+
+
+def test_recurrent_sft_forward_feeds_previous_hidden_states(model_and_processor):
+    """After the recurrence, each latent equals the hidden state one position before it (a fixed point)."""
+    from RL.latent_sft_loss import recurrent_latent_forward
+
+    model, processor = model_and_processor
+    tokens = model.latent_tokens
+    enc = encode_prompts(processor, ["What colour is the shape?", "Which?"], [coloured_image(), coloured_image(size=84)])
+    response = scripted_response(tokens, processor.tokenizer.encode("The answer is red"))
+    batch = enc["input_ids"].shape[0]
+    ids = torch.cat([enc["input_ids"], torch.tensor([response] * batch)], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones(batch, len(response), dtype=torch.long)], 1)
+    with torch.no_grad():
+        out, latents = recurrent_latent_forward(model, ids, mask, enc["pixel_values"], enc["image_grid_thw"])
+        step_logits, _, step_latents = stepwise_decode(model, enc, response)
+    assert (latents - step_latents.reshape(-1, latents.shape[-1])).abs().max() <= 1e-4
+    prompt_len = enc["input_ids"].shape[1]
+    assert (out.logits[:, prompt_len - 1:] - step_logits).abs().max() <= 1e-4

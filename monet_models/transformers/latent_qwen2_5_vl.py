@@ -24,6 +24,7 @@ class LatentForwardOutput:
     past_key_values: object | None
     position_ids: torch.Tensor  # (3, B, L) mRoPE positions used
     rope_deltas: torch.Tensor | None  # (B, 1) set at prefill: decode position = unpadded index + delta
+    image_embeds: torch.Tensor | None  # flat image features, reusable by a later call on the same images
 
 
 class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -94,7 +95,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden) if compute_logits else None
-        return LatentForwardOutput(logits, hidden, outputs.past_key_values, position_ids, rope_deltas)
+        return LatentForwardOutput(logits, hidden, outputs.past_key_values, position_ids, rope_deltas, image_embeds)
 
 
 def _register_weight_names() -> None:

@@ -32,7 +32,11 @@ def sequence_log_probs(
     sigma: float = 10.0,
     scale_by_dim: bool = False,
 ) -> torch.Tensor:
-    """Log-likelihood of positions 1..L-1 (shape B, L-1): token log-probs, Gaussian terms at latent pads."""
+    """Log-likelihood of every position (B, L): token log-probs, Gaussian terms at latent pads, 0 at position 0.
+
+    Aligned with `input_ids` so the same code serves padded batches and packed (1, N) streams; in a packed
+    stream the first position of each sequence gets a meaningless value, which is always a prompt position.
+    """
     targets = input_ids[:, 1:]
     values = token_log_probs(logits[:, :-1], targets, temperature)
     latent_mask = targets == latent_pad_id
@@ -44,4 +48,4 @@ def sequence_log_probs(
         means = hidden_states[:, :-1][latent_mask]
         density = latent_log_density(latent_embeds, means, sigma, scale_by_dim)
         values = values.masked_scatter(latent_mask, density)
-    return values
+    return torch.nn.functional.pad(values, (1, 0))

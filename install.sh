@@ -12,7 +12,7 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
   || $PIP install torch==2.13.0
 stamp=".venv/.installed-$(cat setup.py constraints.txt | sha1sum | cut -c1-12)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
-  $PIP install -c constraints.txt -e ".[${EXTRAS}]" 2>&1 | grep -v "is neither a file nor a directory" || true
+  $PIP install -c constraints.txt --config-settings editable_mode=compat -e ".[${EXTRAS}]" 2>&1 | grep -v "is neither a file nor a directory" || true
   .venv/bin/python -c "import torch, transformers, ray, monet_models" && touch "$stamp"
 fi
 echo "environment ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -23,4 +23,5 @@ class JudgeConfig:
     requests_per_minute: int = 600
     timeout_s: float = 60.0
     max_retries: int = 4
+    retry_backoff_s: float = 1.0  # first retry delay; doubles per attempt (with jitter), at least the server's Retry-After
     use_cache: bool = True  # persistent verdict cache in the run folder

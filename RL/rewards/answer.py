@@ -1,0 +1,57 @@
+"""Answer extraction shared by the rule grader, the format reward and the API judge.
+
+Responses reach the reward worker with latent blocks rendered as ``<latent×K>``; those placeholders carry no answer text
+and must never be graded, so every extractor strips them first.
+"""
+from __future__ import annotations
+
+import re
+
+_LATENT_RE = re.compile(r"<latent[^>]*>|<abs_vis_token(?:_pad)?>|</abs_vis_token>")
+_BOXED_RE = re.compile(r"\\boxed\s*\{")
+_LAST_IS_RE = re.compile(r"\bis\b(?!.*\bis\b)", re.IGNORECASE | re.DOTALL)
+_TAG_SPACES_RE = re.compile(r"\s*([<>/])\s*")
+
+
+def strip_latents(text: str) -> str:
+    """Remove latent placeholders and stray latent special tokens (they are not answer text)."""
+    return _LATENT_RE.sub("", text or "")
+
+
+def normalize_tag_spaces(text: str) -> str:
+    """Collapse spaces around ``<``, ``>`` and ``/`` as Monet does before looking for ``\\boxed``."""
+    return _TAG_SPACES_RE.sub(r"\1", text)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (brace-balanced), or None when there is no complete box."""
+    starts = [m.end() for m in _BOXED_RE.finditer(text)]
+    for start in reversed(starts):
+        depth, i = 1, start
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start : i - 1].strip()
+    return None
+
+
+def extract_answer(response: str) -> str:
+    """The graded answer: last ``\\boxed{}`` content, else the text after the last word "is", else ""."""
+    text = strip_latents(response)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    match = _LAST_IS_RE.search(text)
+    if match is None:
+        return ""
+    tail = text[match.end() :].strip()
+    return tail.rstrip(".").strip()
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, drop LaTeX text wrappers, commas, surrounding punctuation and extra spaces (for word answers)."""
+    text = re.sub(r"\\text(?:bf|rm|it)?\s*\{([^{}]*)\}", r"\1", text or "")
+    text = text.replace("$", "").replace(",", "").lower()
+    text = re.sub(r"\s+", " ", text).strip()
+    return text.strip(" .!?;:'\"()[]{}")

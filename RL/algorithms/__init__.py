@@ -1,0 +1,30 @@
+"""RL algorithm pieces as pure torch functions: advantages, PPO policy loss, KL, loss aggregation."""
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    grpo,
+    reinforce_plus_plus,
+    rloo,
+    token_level_rewards,
+)
+from .aggregation import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_sum, masked_var, masked_whiten
+from .kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    compute_kl,
+    kl_abs,
+    kl_k1,
+    kl_low_var,
+    kl_mse,
+    make_kl_controller,
+)
+from .policy_loss import compute_policy_loss
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS", "compute_advantages", "grpo", "rloo", "reinforce_plus_plus", "token_level_rewards",
+    "LOSS_AGG_MODES", "aggregate_loss", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "KL_ESTIMATORS", "compute_kl", "kl_k1", "kl_abs", "kl_mse", "kl_low_var",
+    "FixedKLController", "AdaptiveKLController", "make_kl_controller",
+    "compute_policy_loss",
+]

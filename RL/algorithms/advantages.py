@@ -1,0 +1,144 @@
+"""Outcome-reward advantage estimators (run on the driver, no gradients).
+
+Each takes per-sample scores (B,), a response mask (B, T) and group ids (samples of one prompt share an id) and
+returns `(advantages, returns)`, both (B, T), zero outside the mask. Sequence-level advantages are broadcast over
+every response position, text tokens and latent positions alike, so the latent Gaussian log-densities are pushed
+by the same signal as the words around them.
+
+Optional KL-in-reward (`kl`, `kl_coef`): the per-token reward is the score at the last response position minus
+kl_coef·kl at every response position, and a sample's score is the sum of its token rewards (EasyR1: s_i = Σ_t r_it).
+VLPO uses a KL loss instead, so this is off by default.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
+
+import torch
+
+from .aggregation import masked_whiten
+
+GROUP_EPS = 1e-6
+
+
+def _as_scores(scores, response_mask: torch.Tensor) -> torch.Tensor:
+    """Scores as a float tensor on the mask's device, checked against the batch size."""
+    scores = torch.as_tensor(scores, device=response_mask.device)
+    scores = scores if scores.is_floating_point() else scores.to(torch.float32)
+    if scores.dim() != 1 or scores.shape[0] != response_mask.shape[0]:
+        raise ValueError(f"scores must have shape ({response_mask.shape[0]},), got {tuple(scores.shape)}")
+    return scores
+
+
+def _group_index(group_ids: Sequence[Hashable], n: int, device) -> Tuple[torch.Tensor, int]:
+    """Map arbitrary hashable ids (list, numpy array, tensor) to dense group indices 0..G-1."""
+    ids = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
+    if len(ids) != n:
+        raise ValueError(f"group_ids has {len(ids)} entries for a batch of {n}")
+    dense: Dict[Hashable, int] = {}
+    index = [dense.setdefault(g, len(dense)) for g in ids]
+    return torch.tensor(index, dtype=torch.long, device=device), len(dense)
+
+
+def token_level_rewards(scores, response_mask: torch.Tensor, kl: Optional[torch.Tensor] = None,
+                        kl_coef: float = 0.0) -> torch.Tensor:
+    """Outcome reward at each sample's last response position, minus kl_coef·kl over the response (if given)."""
+    scores = _as_scores(scores, response_mask)
+    mask = response_mask.to(scores.dtype)
+    positions = torch.arange(mask.shape[1], device=mask.device, dtype=scores.dtype)
+    last = (positions * mask).argmax(-1)
+    rewards = torch.zeros_like(mask).scatter(1, last[:, None], scores[:, None]) * mask
+    if kl is not None and kl_coef:
+        rewards = rewards - kl_coef * kl.to(scores.dtype) * mask
+    return rewards
+
+
+def _sample_scores(scores, response_mask, kl, kl_coef) -> torch.Tensor:
+    """s_i: the plain scores, or Σ_t of the KL-penalised token rewards when KL-in-reward is on."""
+    if kl is None or not kl_coef:
+        return _as_scores(scores, response_mask)
+    return token_level_rewards(scores, response_mask, kl, kl_coef).sum(-1)
+
+
+def _broadcast(per_sample: torch.Tensor, response_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast a (B,) advantage over the response positions; returns equal advantages (verl convention)."""
+    adv = per_sample[:, None] * response_mask.to(per_sample.dtype)
+    return adv, adv.clone()
+
+
+@torch.no_grad()
+def grpo(scores, response_mask: torch.Tensor, group_ids, norm_by_std: bool = True, eps: float = GROUP_EPS,
+         kl: Optional[torch.Tensor] = None, kl_coef: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: A_i = (s_i − mean_g)/(std_g + eps), unbiased std within the prompt group.
+
+    The group mean is the baseline (no critic); dividing by the std makes the step size independent of the reward
+    scale. `norm_by_std=False` gives Dr.GRPO (A_i = s_i − mean_g), which removes the bias towards groups with low
+    reward variance. A group of one sample has no baseline and gets 0 (it carries no relative information).
+    """
+    s = _sample_scores(scores, response_mask, kl, kl_coef)
+    index, n_groups = _group_index(group_ids, s.shape[0], s.device)
+    count = torch.zeros(n_groups, dtype=s.dtype, device=s.device).index_add_(0, index, torch.ones_like(s))
+    mean = torch.zeros_like(count).index_add_(0, index, s) / count
+    centred = s - mean[index]
+    adv = centred
+    if norm_by_std:
+        sq = torch.zeros_like(count).index_add_(0, index, centred ** 2)
+        std = (sq / (count - 1).clamp(min=1)).sqrt()
+        adv = centred / (std[index] + eps)
+    adv = torch.where(count[index] > 1, adv, torch.zeros_like(adv))
+    return _broadcast(adv, response_mask)
+
+
+@torch.no_grad()
+def rloo(scores, response_mask: torch.Tensor, group_ids, kl: Optional[torch.Tensor] = None,
+         kl_coef: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RLOO: A_i = s_i − mean of the other samples of the group.
+
+    The leave-one-out baseline does not depend on s_i, so the estimator stays unbiased (GRPO's mean includes s_i).
+    Equals n/(n−1)·(s_i − mean_g). A group of one sample has no other samples and gets 0.
+    """
+    s = _sample_scores(scores, response_mask, kl, kl_coef)
+    index, n_groups = _group_index(group_ids, s.shape[0], s.device)
+    count = torch.zeros(n_groups, dtype=s.dtype, device=s.device).index_add_(0, index, torch.ones_like(s))
+    total = torch.zeros_like(count).index_add_(0, index, s)
+    n = count[index]
+    adv = torch.where(n > 1, s - (total[index] - s) / (n - 1).clamp(min=1), torch.zeros_like(s))
+    return _broadcast(adv, response_mask)
+
+
+@torch.no_grad()
+def reinforce_plus_plus(scores, response_mask: torch.Tensor, group_ids=None, gamma: float = 1.0,
+                        kl: Optional[torch.Tensor] = None, kl_coef: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (EasyR1/verl): G_t = r_t + γ·G_{t+1}, reset outside the mask, then whitened over the batch.
+
+    Token-level, so a per-token KL penalty in the reward (`kl`, `kl_coef`) shapes each position's return. The
+    baseline is global (batch whitening over all masked tokens) rather than per group; `group_ids` is ignored.
+    """
+    rewards = token_level_rewards(scores, response_mask, kl, kl_coef)
+    mask = response_mask.to(rewards.dtype)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * mask[:, t]  # positions after the response must not leak into it
+    advantages = masked_whiten(returns, response_mask) * mask
+    return advantages, returns * mask
+
+
+ADVANTAGE_ESTIMATORS: Dict[str, Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = {
+    "grpo": grpo,
+    "rloo": rloo,
+    "reinforce_plus_plus": reinforce_plus_plus,
+}
+
+
+def compute_advantages(name: str, scores, response_mask: torch.Tensor, group_ids, **kw) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the estimator registered under `name` (the value of `algorithm.adv_estimator`)."""
+    try:
+        estimator = ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown advantage estimator {name!r} (algorithm.adv_estimator); "
+            f"choose one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
+        ) from None
+    return estimator(scores, response_mask, group_ids, **kw)

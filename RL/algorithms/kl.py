@@ -1,0 +1,113 @@
+"""KL estimators against the reference policy, and KL-coefficient controllers.
+
+The estimators act on per-position log-probs, so latent positions (Gaussian log-densities of the actor and of
+the reference, each with its own σ) are regularised exactly like text tokens.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
+
+
+def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """k1 = logp − ref: unbiased for KL(π‖π_ref) under samples from π, but high variance and can be negative."""
+    return log_probs - ref_log_probs
+
+
+def kl_abs(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """|logp − ref|: non-negative, biased; kept for EasyR1 compatibility."""
+    return (log_probs - ref_log_probs).abs()
+
+
+def kl_mse(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """k2 = ½(logp − ref)²: non-negative, low variance, biased for large divergences."""
+    return 0.5 * (log_probs - ref_log_probs).square()
+
+
+def kl_low_var(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """k3 (Schulman): k = ref − logp, KL ≈ e^k − k − 1 — unbiased, always ≥ 0, low variance.
+
+    k is clamped to ±20 and the result to ±10 so one extreme position (e.g. a latent whose Gaussian log-density
+    moved far) cannot produce inf/NaN or dominate the loss.
+    """
+    k = torch.clamp(ref_log_probs - log_probs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.clamp(torch.exp(k) - k - 1.0, -K3_CLAMP, K3_CLAMP)
+
+
+KL_ESTIMATORS: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "kl": kl_k1,
+    "k1": kl_k1,
+    "abs": kl_abs,
+    "mse": kl_mse,
+    "k2": kl_mse,
+    "low_var_kl": kl_low_var,
+    "k3": kl_low_var,
+}
+
+
+def compute_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_penalty: str = "low_var_kl") -> torch.Tensor:
+    """Per-position KL estimate (same shape as the inputs) selected by name (`algorithm.kl_penalty`)."""
+    try:
+        estimator = KL_ESTIMATORS[kl_penalty]
+    except KeyError:
+        raise ValueError(
+            f"unknown KL estimator {kl_penalty!r} (algorithm.kl_penalty); choose one of {', '.join(KL_ESTIMATORS)}"
+        ) from None
+    return estimator(log_probs, ref_log_probs)
+
+
+class FixedKLController:
+    """Constant KL coefficient (the usual choice with a KL loss, e.g. VLPO's 0.01)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: the coefficient is fixed."""
+
+    def state_dict(self) -> dict:
+        return {"type": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019) adaptive coefficient, as in verl: steer the measured KL towards `target_kl`.
+
+    error = clip(KL/target − 1, ±0.2); value ← value·(1 + error·n_steps/horizon). The clip bounds how fast the
+    coefficient moves on one noisy measurement; `horizon` sets the time constant in samples/steps.
+    """
+
+    def __init__(self, init_kl_coef: float, target_kl: float, horizon: float):
+        if target_kl <= 0 or horizon <= 0:
+            raise ValueError(f"target_kl and horizon must be > 0, got {target_kl} and {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target_kl)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"type": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = float(state.get("horizon", self.horizon))
+
+
+def make_kl_controller(kl_type: str = "fixed", kl_coef: float = 0.0, target_kl: float = 0.1,
+                       horizon: float = 10000.0):
+    """Build the controller named by `kl_type` (`fixed` | `adaptive`), with EasyR1's defaults."""
+    if kl_type == "fixed":
+        return FixedKLController(kl_coef)
+    if kl_type == "adaptive":
+        return AdaptiveKLController(kl_coef, target_kl, horizon)
+    raise ValueError(f"unknown KL controller type {kl_type!r}; choose 'fixed' or 'adaptive'")

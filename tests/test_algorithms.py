@@ -1,0 +1,224 @@
+"""Advantage estimators, PPO loss, KL estimators/controllers and loss aggregation (pure torch, fast)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from RL.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    aggregate_loss,
+    compute_advantages,
+    compute_kl,
+    compute_policy_loss,
+    make_kl_controller,
+    masked_mean,
+    masked_whiten,
+    token_level_rewards,
+)
+
+
+def _mask(lengths, T):
+    return (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
+
+
+# ---------------------------------------------------------------- advantages
+
+def test_grpo_hand_example_and_broadcast():
+    mask = _mask([3, 2, 4, 1], 5)
+    adv, ret = compute_advantages("grpo", [1.0, 0.0, 0.0, 1.0], mask, ["a", "a", "a", "a"])
+    expected = 0.5 / math.sqrt(1.0 / 3.0)  # mean 0.5, unbiased std sqrt(1/3) -> 0.866
+    per_sample = torch.tensor([expected, -expected, -expected, expected])
+    assert torch.allclose(adv, per_sample[:, None] * mask, atol=1e-5)
+    assert abs(adv[0, 0].item() - 0.8660) < 1e-3
+    assert torch.all(adv[mask == 0] == 0)
+    assert torch.equal(adv, ret)
+
+
+def test_grpo_groups_singletons_and_dr_grpo():
+    mask = torch.ones(5, 3)
+    ids = np.array(["p1", "p2", "p1", "p3", "p2"], dtype=object)
+    scores = torch.tensor([1.0, 2.0, 3.0, 7.0, 2.0])
+    adv, _ = compute_advantages("grpo", scores, mask, ids)
+    assert torch.allclose(adv[:, 0], torch.tensor([-1 / math.sqrt(2), 0.0, 1 / math.sqrt(2), 0.0, 0.0]), atol=1e-5)
+    assert torch.all(adv[3] == 0)  # group of one
+    dr, _ = compute_advantages("grpo", scores, mask, ids, norm_by_std=False)
+    assert torch.allclose(dr[:, 0], torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0]))
+
+
+def test_rloo_values():
+    mask = _mask([2, 2, 2, 1], 2)
+    adv, _ = compute_advantages("rloo", [1.0, 0.0, 2.0, 5.0], mask, [0, 0, 0, 1])
+    # 1 - (0+2)/2 = 0, 0 - (1+2)/2 = -1.5, 2 - (1+0)/2 = 1.5; singleton -> 0
+    assert torch.allclose(adv[:, 0], torch.tensor([0.0, -1.5, 1.5, 0.0]))
+    assert adv[3, 1] == 0
+
+
+def test_reinforce_plus_plus_whitening_and_returns():
+    torch.manual_seed(0)
+    mask = _mask([4, 2, 5, 3], 6)
+    scores = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    adv, ret = compute_advantages("reinforce_plus_plus", scores, mask, None, gamma=0.9)
+    # return at position t = gamma^(L-1-t) * score
+    assert torch.allclose(ret[0, :4], torch.tensor([0.9 ** 3, 0.9 ** 2, 0.9, 1.0]))
+    assert torch.all(ret[mask == 0] == 0) and torch.all(adv[mask == 0] == 0)
+    values = adv[mask.bool()]
+    assert abs(values.mean().item()) < 1e-5
+    assert abs(values.std().item() - 1.0) < 1e-4
+    # KL-in-reward lowers the earlier returns too
+    kl = torch.full((4, 6), 0.1)
+    _, ret_kl = compute_advantages("reinforce_plus_plus", scores, mask, None, gamma=1.0, kl=kl, kl_coef=1.0)
+    assert torch.allclose(ret_kl[0, :4], torch.tensor([1 - 0.4, 1 - 0.3, 1 - 0.2, 1 - 0.1]))
+
+
+def test_token_level_rewards_last_position():
+    mask = _mask([3, 1, 0], 4)
+    r = token_level_rewards(torch.tensor([2.0, 3.0, 4.0]), mask)
+    assert r.tolist() == [[0, 0, 2, 0], [3, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_unknown_estimator_and_bad_shapes():
+    with pytest.raises(ValueError, match="unknown advantage estimator 'gae'"):
+        compute_advantages("gae", [1.0], torch.ones(1, 2), [0])
+    with pytest.raises(ValueError, match="group_ids"):
+        compute_advantages("grpo", [1.0, 2.0], torch.ones(2, 2), [0])
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "rloo", "reinforce_plus_plus"}
+
+
+# ---------------------------------------------------------------- policy loss
+
+def _loss(ratio, adv, **kw):
+    logp = torch.log(torch.tensor(ratio, dtype=torch.float64)).requires_grad_(True)
+    old = torch.zeros_like(logp)
+    A = torch.tensor(adv, dtype=torch.float64)
+    loss, metrics = compute_policy_loss(logp, old, A, torch.ones_like(A), **kw)
+    loss.sum().backward()
+    return loss.detach(), logp.grad, metrics
+
+
+def test_ppo_unclipped_region_is_minus_a_r():
+    ratio, adv = [[1.1, 0.9, 1.25]], [[2.0, -1.0, 0.5]]
+    loss, grad, m = _loss(ratio, adv, clip_ratio_low=0.2, clip_ratio_high=0.3)
+    assert torch.allclose(loss, -torch.tensor(adv, dtype=torch.float64) * torch.tensor(ratio, dtype=torch.float64))
+    # d(-A r)/d logp = -A r
+    assert torch.allclose(grad, loss)
+    assert m["pg_clipfrac_higher"] == 0 and m["pg_clipfrac_lower"] == 0
+
+
+def test_ppo_clip_higher_bounds_and_zero_grad():
+    ratios, advs = [[1.5, 0.75, 1.25, 0.5, 1.25]], [[1.0, -1.0, 1.0, 1.0, -1.0]]
+    loss, grad, m = _loss(ratios, advs, clip_ratio_low=0.2, clip_ratio_high=0.3)
+    assert loss[0, 0].item() == pytest.approx(-1.3)  # A>0, r above 1+eps_high -> -A(1+eps_high)
+    assert loss[0, 1].item() == pytest.approx(0.8)  # A<0, r below 1-eps_low -> -A(1-eps_low)
+    assert grad[0, 0] == 0 and grad[0, 1] == 0  # clipped: no gradient
+    # 1.25 lies inside the asymmetric range (0.8, 1.3) although it is outside a symmetric 0.2 clip
+    assert loss[0, 2].item() == pytest.approx(-1.25) and grad[0, 2].item() == pytest.approx(-1.25)
+    # pessimistic bound: A>0 with a small ratio and A<0 with a large one are not clipped
+    assert loss[0, 3].item() == pytest.approx(-0.5) and grad[0, 3] != 0
+    assert loss[0, 4].item() == pytest.approx(1.25) and grad[0, 4] != 0
+    assert m["pg_clipfrac_higher"] == pytest.approx(2 / 5)
+    assert m["pg_clipfrac_lower"] == 0
+
+
+def test_ppo_dual_clip_caps_negative_advantage():
+    loss, grad, m = _loss([[50.0, 2.0, 50.0]], [[-1.0, -1.0, 1.0]], clip_ratio_dual=3.0)
+    assert loss[0, 0].item() == pytest.approx(3.0)  # capped at -A * c
+    assert grad[0, 0] == 0
+    assert loss[0, 1].item() == pytest.approx(2.0) and grad[0, 1] != 0  # below the cap: -A r
+    assert loss[0, 2].item() == pytest.approx(-1.3)  # dual clip does not apply for A > 0
+    assert m["pg_clipfrac_lower"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        _loss([[1.0]], [[1.0]], clip_ratio_dual=1.0)
+
+
+def test_ppo_mask_metrics_and_extreme_log_ratio():
+    logp = torch.tensor([[0.0, -0.5, 100.0]], requires_grad=True)
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, m = compute_policy_loss(logp, old, torch.tensor([[1.0, 1.0, 1.0]]), mask)
+    assert loss[0, 2] == 0 and torch.isfinite(loss).all()
+    assert m["ppo_kl"] == pytest.approx(0.25)  # mean(old - new) over the two masked tokens
+    assert m["pg_clipfrac_higher"] == 0
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+# ---------------------------------------------------------------- KL
+
+def test_low_var_kl_properties():
+    logp = torch.randn(4, 7)
+    assert torch.all(compute_kl(logp, logp, "low_var_kl") == 0)
+    ref = logp + torch.randn(4, 7) * 3
+    assert torch.all(compute_kl(logp, ref, "low_var_kl") >= 0)
+    k = 0.7
+    val = compute_kl(torch.tensor([0.0]), torch.tensor([k]), "low_var_kl")
+    assert val.item() == pytest.approx(math.exp(k) - k - 1, rel=1e-6)
+    assert compute_kl(torch.tensor([0.0]), torch.tensor([50.0]), "low_var_kl").item() == 10.0  # clamped
+    assert torch.isfinite(compute_kl(torch.tensor([-1e4]), torch.tensor([0.0]), "low_var_kl")).all()
+
+
+def test_other_kl_estimators_and_unknown():
+    logp, ref = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.0])
+    assert compute_kl(logp, ref, "kl").tolist() == [0.5, -2.0]
+    assert compute_kl(logp, ref, "abs").tolist() == [0.5, 2.0]
+    assert compute_kl(logp, ref, "mse").tolist() == [0.125, 2.0]
+    with pytest.raises(ValueError, match="unknown KL estimator 'full'"):
+        compute_kl(logp, ref, "full")
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.01)
+    fixed.update(5.0, 100)
+    assert fixed.value == 0.01
+    up = AdaptiveKLController(0.1, target_kl=0.1, horizon=100)
+    up.update(1.0, 10)  # error clipped to +0.2 -> * 1.02
+    assert up.value == pytest.approx(0.1 * 1.02)
+    down = AdaptiveKLController(0.1, target_kl=0.1, horizon=100)
+    down.update(0.09, 10)  # error -0.1 -> * 0.99
+    assert down.value == pytest.approx(0.1 * 0.99)
+    restored = make_kl_controller("adaptive", 0.5, target_kl=0.3, horizon=7)
+    restored.load_state_dict(up.state_dict())
+    assert (restored.value, restored.target, restored.horizon) == (up.value, 0.1, 100)
+    f2 = FixedKLController(0.0)
+    f2.load_state_dict(fixed.state_dict())
+    assert f2.value == 0.01
+    with pytest.raises(ValueError):
+        make_kl_controller("pid")
+
+
+# ---------------------------------------------------------------- aggregation
+
+def test_token_mean_global_count_over_micro_batches():
+    torch.manual_seed(0)
+    loss = torch.randn(6, 8)
+    mask = _mask([8, 1, 5, 3, 7, 2], 8)
+    full = aggregate_loss(loss, mask, "token-mean")
+    assert torch.allclose(full, (loss * mask).sum() / mask.sum())
+    total = mask.sum()
+    parts = [aggregate_loss(loss[s], mask[s], "token-mean", global_token_count=total) for s in (slice(0, 2), slice(2, 6))]
+    assert torch.allclose(sum(parts), full)
+    # without the global count the micro-batch means do not add up to the global mean
+    naive = sum(aggregate_loss(loss[s], mask[s], "token-mean") for s in (slice(0, 2), slice(2, 6))) / 2
+    assert not torch.allclose(naive, full)
+
+
+def test_seq_modes_and_unknown_mode():
+    loss = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2.0 + 4.0) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx((4.0 + 4.0) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean", global_seq_count=4).item() == pytest.approx(1.5)
+    assert aggregate_loss(loss, torch.zeros_like(mask), "token-mean").item() == 0.0
+    with pytest.raises(ValueError, match="unknown loss aggregation mode"):
+        aggregate_loss(loss, mask, "token-sum")
+
+
+def test_masked_mean_ignores_nan_outside_mask_and_whiten():
+    values = torch.tensor([[1.0, float("nan")], [3.0, 5.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert masked_mean(values, mask).item() == pytest.approx(3.0)
+    assert torch.allclose(masked_mean(values, mask, dim=-1), torch.tensor([1.0, 4.0]))
+    w = masked_whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert torch.allclose(w[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)

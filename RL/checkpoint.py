@@ -1,0 +1,182 @@
+"""Run-folder checkpoints: atomic step folders, SAVE_OK markers, pruning, trainer state and RNG streams.
+
+A checkpoint is written into `step_NNNNNN.tmp/` (the workers put `<role>/model`, `<role>/optim` and
+`<role>/huggingface` there), then `finish` writes `trainer_state.pt` and `SAVE_OK` and renames the folder. A crash at
+any point leaves either a `.tmp` folder (ignored by `latest`, removed by the next manager) or a complete folder, so a
+resumed run always starts from a checkpoint that was fully written.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+SAVE_OK = "SAVE_OK"
+TRAINER_STATE = "trainer_state.pt"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_TMP_RE = re.compile(r"^step_(\d+)(\.[a-z]+)?\.tmp$")  # step_N.tmp, step_N.old.tmp
+
+
+class CheckpointManager:
+    """Owns `run_dir/step_*`; only the driver (rank 0 / the trainer process) should create one."""
+
+    def __init__(self, run_dir: str | os.PathLike, save_limit: int = -1):
+        self.run_dir = Path(run_dir)
+        self.save_limit = int(save_limit)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.clean_stale()
+
+    # ---- names -----------------------------------------------------------------------------------------------
+    def step_dir(self, step: int) -> Path:
+        return self.run_dir / f"step_{int(step):06d}"
+
+    def tmp_dir(self, step: int) -> Path:
+        return self.run_dir / f"step_{int(step):06d}.tmp"
+
+    # ---- writing ---------------------------------------------------------------------------------------------
+    def begin(self, step: int) -> Path:
+        """A fresh `.tmp` folder for `step` (a leftover from a crashed save of the same step is removed first)."""
+        tmp = self.tmp_dir(step)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def finish(self, step: int, trainer_state: dict) -> Path:
+        """Write trainer_state.pt, then SAVE_OK, then rename tmp -> final; prune old checkpoints. Returns the folder."""
+        tmp, final = self.tmp_dir(step), self.step_dir(step)
+        if not tmp.is_dir():
+            raise FileNotFoundError(f"{tmp} does not exist: call begin({step}) before finish({step})")
+        _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
+        _write_synced(tmp / SAVE_OK, f"step {int(step)}\n".encode())
+        _fsync_tree(tmp)
+        old = final.with_name(final.name + ".old.tmp")
+        if final.exists():  # re-saving a step: move the old one aside (a .tmp, cleaned if we crash right here)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_path(self.run_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self.prune()
+        return final
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def complete_steps(self) -> list[tuple[int, Path]]:
+        """All complete checkpoints (folders named step_N holding SAVE_OK), oldest first."""
+        found = []
+        for child in self.run_dir.iterdir() if self.run_dir.is_dir() else []:
+            match = _STEP_RE.match(child.name)
+            if match and child.is_dir() and (child / SAVE_OK).is_file():
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest(self) -> Optional[tuple[int, Path]]:
+        """(step, folder) of the newest complete checkpoint, or None when the run has none."""
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    @staticmethod
+    def load_trainer_state(path: str | os.PathLike) -> dict:
+        """The dict given to `finish` (path: a step folder or the trainer_state.pt file itself)."""
+        path = Path(path)
+        if path.is_dir():
+            if not (path / SAVE_OK).is_file():
+                raise FileNotFoundError(f"{path} has no {SAVE_OK}: the checkpoint is incomplete")
+            path = path / TRAINER_STATE
+        # RNG states hold numpy arrays and tuples, so this is our own trusted file: full unpickling.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    # ---- cleaning --------------------------------------------------------------------------------------------
+    def clean_stale(self) -> list[Path]:
+        """Remove `.tmp` folders left by a crashed save or prune (step folders without SAVE_OK are only ignored)."""
+        removed = []
+        for child in list(self.run_dir.iterdir()):
+            if child.is_dir() and _TMP_RE.match(child.name):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+        return removed
+
+    def prune(self) -> list[Path]:
+        """Delete the oldest complete checkpoints beyond `save_limit` (<= 0 keeps all; the newest always stays)."""
+        if self.save_limit <= 0:
+            return []
+        steps = self.complete_steps()
+        doomed = steps[:-self.save_limit]
+        for step, folder in doomed:
+            # Rename first (atomic): a crash mid-delete leaves a `.tmp` that the next manager removes,
+            # never a half-deleted folder that still looks complete.
+            tmp = self.tmp_dir(step)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            os.replace(folder, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return [folder for _, folder in doomed]
+
+
+# ---- RNG streams -----------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and every CUDA device) RNG states, so a resumed run draws the same numbers."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (CUDA states only when CUDA is present and the device count matches)."""
+    random.setstate(_as_python_state(state["python"]))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_python_state(value):
+    """random.setstate needs tuples; a state that went through a list-converting serializer is repaired here."""
+    return tuple(_as_python_state(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---- durable file writes ---------------------------------------------------------------------------------------
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder the workers wrote, so SAVE_OK never survives a power loss without its data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder fsync makes renames durable); best effort where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

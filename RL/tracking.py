@@ -1,0 +1,255 @@
+"""Metric logging for every trainer: metrics.jsonl (always), console, wandb and tensorboard when asked.
+
+metrics.jsonl is the source of truth (plots and tests read it); the other sinks are views of it. Everything that
+reaches a sink goes through `redact` first, and string values equal to a secret of the config are masked too, so an
+API key can not leak through a config dump or a logged generation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from RL.config import NOT_SECRET, is_secret_key as config_is_secret_key
+
+MASK = "***"
+CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "val/accuracy", "actor/pg_loss", "actor/kl_loss",
+                "rollout/latent_blocks", "timing_s/step")
+METRICS_FILE, GENERATIONS_FILE, WANDB_ID_FILE = "metrics.jsonl", "generations.jsonl", "wandb_run_id"
+
+
+# ---- redaction -------------------------------------------------------------------------------------------------
+def is_secret_key(name: Any) -> bool:
+    """api_key, hf_token, client_secret, password, accesstoken ... but not max_tokens, tokenizer_path, prompt_key.
+
+    The project's rule (RL.config, also used for config.yaml) plus run-together words ending in key/token.
+    """
+    if config_is_secret_key(str(name)):
+        return True
+    lowered = str(name).lower()
+    return lowered not in NOT_SECRET and any(
+        word.endswith(("key", "token")) for word in re.split(r"[^a-z0-9]+", lowered))
+
+
+def redact(obj: Any) -> Any:
+    """A copy of `obj` with the values of secret-looking keys (at any depth) replaced by "***"."""
+    if isinstance(obj, dict):
+        return {key: (MASK if is_secret_key(key) and value not in (None, "") else redact(value))
+                for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(item) for item in obj]
+    return obj
+
+
+def secret_values(obj: Any) -> set[str]:
+    """The string values of secret keys in `obj`, to be masked wherever they show up later."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if is_secret_key(key) and isinstance(value, str) and len(value) >= 8:
+                found.add(value)
+            else:
+                found |= secret_values(value)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            found |= secret_values(item)
+    return found
+
+
+def _mask_strings(obj: Any, secrets: Iterable[str]) -> Any:
+    secrets = tuple(secrets)
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        for secret in secrets:
+            obj = obj.replace(secret, MASK)
+        return obj
+    if isinstance(obj, dict):
+        return {key: _mask_strings(value, secrets) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mask_strings(item, secrets) for item in obj]
+    return obj
+
+
+# ---- the tracker -----------------------------------------------------------------------------------------------
+class Tracker:
+    """Writes one metrics line per step; loggers: "console", "jsonl" (always on), "wandb", "tensorboard"."""
+
+    def __init__(self, run_dir: str | os.PathLike, loggers: Iterable[str] = ("console",), project: str = "monet_rl",
+                 run_name: Optional[str] = None, config_dict: Optional[dict] = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.loggers = {str(name).lower() for name in loggers}
+        unknown = self.loggers - {"console", "jsonl", "wandb", "tensorboard"}
+        if unknown:
+            raise ValueError(f"unknown logger(s) {sorted(unknown)}; choose from console, jsonl, wandb, tensorboard")
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.generations_path = self.run_dir / GENERATIONS_FILE
+        self._secrets = secret_values(config_dict or {})
+        self.config = self._clean(redact(config_dict or {}))
+        self.run_name = run_name or self.run_dir.name
+        self.wandb = self._init_wandb(project) if "wandb" in self.loggers else None
+        self.writer = self._init_tensorboard() if "tensorboard" in self.loggers else None
+
+    # ---- logging ---------------------------------------------------------------------------------------------
+    def log(self, step: int, metrics: dict) -> None:
+        """Append {"step": step, **metrics} to metrics.jsonl (flushed) and forward it to the enabled sinks."""
+        row = self._clean({"step": int(step), **{k: v for k, v in _plain(metrics).items() if k != "step"}})
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, sort_keys=False, allow_nan=True) + "\n")
+            handle.flush()
+        numbers = {key: value for key, value in row.items() if key != "step" and _is_number(value)}
+        if "console" in self.loggers:
+            print(console_line(row), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=int(step))
+        if self.writer is not None:
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, int(step))
+            self.writer.flush()
+
+    def log_generations(self, step: int, rows: list[dict]) -> None:
+        """Sample generations (prompt, response, score ...) to generations.jsonl and a wandb table."""
+        rows = [self._clean(_plain(row)) for row in rows]
+        with open(self.generations_path, "a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps({"step": int(step), **row}, default=str) + "\n")
+            handle.flush()
+        if self.wandb is not None and rows:
+            import wandb
+
+            columns = sorted({key for row in rows for key in row})
+            table = wandb.Table(columns=["step", *columns],
+                                data=[[int(step), *[_cell(row.get(col)) for col in columns]] for row in rows])
+            self.wandb.log({"val/generations": table}, step=int(step))
+
+    def truncate_after(self, step: int) -> int:
+        """Drop metrics/generation lines with step > `step` (a resume re-runs them); returns lines dropped."""
+        dropped = 0
+        for path in (self.metrics_path, self.generations_path):
+            dropped += _truncate_jsonl(path, int(step))
+        return dropped
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- sinks -----------------------------------------------------------------------------------------------
+    def _init_wandb(self, project: str):
+        """Offline unless WANDB_MODE says otherwise; all wandb files inside the run folder; resumable by id.
+
+        Command-line capture (metadata), code saving and console capture are off: a CLI override or a printed
+        line may carry an API key, and only redacted config and metrics may reach wandb.
+        """
+        import wandb
+
+        wandb_dir = self.run_dir / "wandb"
+        for env, folder in (("WANDB_DIR", self.run_dir), ("WANDB_CACHE_DIR", wandb_dir / "cache"),
+                            ("WANDB_CONFIG_DIR", wandb_dir / "config"), ("WANDB_DATA_DIR", wandb_dir / "data")):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.environ[env] = str(folder)
+        settings = wandb.Settings(console="off", x_disable_meta=True, save_code=False, disable_code=True,
+                                  disable_git=True)
+        return wandb.init(project=project, name=self.run_name, id=self._wandb_id(), resume="allow",
+                          config=self.config, dir=str(self.run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                          settings=settings)
+
+    def _wandb_id(self) -> str:
+        """A run id stored in the run folder, so a resumed run appends to the same wandb run."""
+        path = self.run_dir / WANDB_ID_FILE
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        run_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', self.run_name)[:48]}-{uuid.uuid4().hex[:8]}"
+        path.write_text(run_id + "\n")
+        return run_id
+
+    def _init_tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if self.config:
+            writer.add_text("config", "```\n" + json.dumps(self.config, indent=2, default=str) + "\n```", 0)
+        return writer
+
+    def _clean(self, obj: Any) -> Any:
+        return _mask_strings(redact(obj), self._secrets)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def console_line(row: dict) -> str:
+    """One short line: the step and the headline metrics present in `row`."""
+    parts = [f"step {row.get('step')}"]
+    for key in CONSOLE_KEYS:
+        value = row.get(key)
+        if _is_number(value):
+            parts.append(f"{key}={value:.4g}" if key != "timing_s/step" else f"{key}={value:.2f}")
+    return " | ".join(parts)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All rows of a metrics.jsonl (a run folder or the file); a torn last line from a crash is skipped."""
+    path = Path(path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _truncate_jsonl(path: Path, step: int) -> int:
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the crash
+            dropped += 1
+            continue
+        if int(row.get("step", -1)) > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(partial, path)
+    return dropped
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-friendly copy: tensors and numpy scalars become Python numbers or lists."""
+    if isinstance(obj, dict):
+        return {str(key): _plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(item) for item in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch.Tensor, numpy arrays and scalars
+        return _plain(obj.tolist())
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _cell(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value, default=str)

@@ -1,0 +1,113 @@
+"""Training curves of a run, from its metrics.jsonl, as PNG files (no wandb or tensorboard needed).
+
+    python -m tools.plot_metrics runs/<run> [--out DIR]
+
+Writes one PNG per metric and an overview grid into `runs/<run>/plots/`; metrics the run never logged are skipped
+with a note; the written paths are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+from RL.tracking import read_metrics  # noqa: E402
+
+# (file stem, title, metric keys drawn together)
+PANELS = (
+    ("reward_mean", "reward/mean", ("reward/mean",)),
+    ("accuracy", "accuracy", ("reward/accuracy", "val/accuracy")),
+    ("kl_loss", "actor/kl_loss", ("actor/kl_loss",)),
+    ("response_length", "rollout/response_length", ("rollout/response_length",)),
+    ("latent_blocks", "rollout/latent_blocks", ("rollout/latent_blocks",)),
+)
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`, last value per step winning (a resumed run may repeat a step)."""
+    by_step = {}
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and "step" in row:
+            by_step[int(row["step"])] = float(value)
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
+
+
+def draw(ax, rows: list[dict], title: str, keys: tuple[str, ...]) -> bool:
+    """Draw the keys that have data onto `ax`; False when none has."""
+    drawn = False
+    for key in keys:
+        steps, values = series(rows, key)
+        if steps:
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+            drawn = True
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if drawn and len(keys) > 1:
+        ax.legend(fontsize=8)
+    return drawn
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the PNGs of `run_dir` and return their paths (overview last)."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} is missing or empty")
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written, present = [], []
+    for stem, title, keys in PANELS:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if draw(ax, rows, title, keys):
+            path = out / f"{stem}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+            written.append(path)
+            present.append((title, keys))
+        else:
+            print(f"note: no {' / '.join(keys)} in {run_dir.name}/metrics.jsonl; skipped", file=sys.stderr)
+        plt.close(fig)
+    if present:
+        written.append(_overview(rows, present, out / "overview.png", run_dir.name))
+    return written
+
+
+def _overview(rows, panels, path: Path, title: str) -> Path:
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.5 * nrows), squeeze=False)
+    for ax, (name, keys) in zip(axes.flat, panels):
+        draw(ax, rows, name, keys)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="runs/<run_name>")
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

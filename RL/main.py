@@ -1,0 +1,39 @@
+"""CLI entry: `python -m RL.main config=path.yaml key=value ...` runs VLPO training on Ray.
+
+Everything that can be refused is refused before any worker starts: the config, the judge's credentials, the
+data (rows are validated when the datasets load). Re-running with the same `trainer.experiment_name` resumes.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from RL.config import load_config, to_yaml, total_training_steps
+from RL.data import build_datasets, build_loader
+from monet_models import load_processor
+from tools.judges import check_judge_credentials
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = load_config(sys.argv[1:] if argv is None else argv)
+    if config.worker.rule_based_judge.api_name:
+        check_judge_credentials(config.worker.rule_based_judge)
+    run_dir = Path(config.trainer.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    to_yaml(config, redact=True, path=run_dir / "config.yaml")
+    processor = load_processor(config.worker.actor.model.model_path)
+    train_set, val_set = build_datasets(config.data, processor)
+    loader = build_loader(train_set, config.data, "train")
+    total_steps = total_training_steps(config, len(loader))
+
+    from RL.trainer.vlpo_trainer import VLPOTrainer  # imports Ray and the workers: after validation
+
+    trainer = VLPOTrainer(config, loader, val_set, processor, total_steps)
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+
+
+if __name__ == "__main__":
+    main()

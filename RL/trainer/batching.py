@@ -1,0 +1,176 @@
+"""Making batches: prompts → rollouts on the workers → scored `Batch`, with online difficulty sampling.
+
+Online difficulty sampling (DESIGN.md) keeps generating groups with the current weights until
+`data.rollout_batch_size` groups have accuracy in (0, select_acc_threshold], and trains on them in the same step,
+so the update stays on-policy (Monet reused stored rollouts across steps). It gives up after
+`trainer.max_try_make_batch` tries with an error that says what was found.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import ray
+import torch
+
+from RL.protocol import Batch, object_array
+from RL.rewards.interface import RewardInput
+from RL.rewards.manager import RewardResult
+from RL.trainer.rollout_batch import build_rollout_batch, render_response
+from monet_models.latent_tokens import LatentTokens
+from workers.rollout.base import PromptInput, SamplingParams
+
+
+class NoQualifyingGroupsError(RuntimeError):
+    pass
+
+
+def sampling_params(rollout, response_length: int, seed: int, validation: bool = False) -> SamplingParams:
+    override = dict(rollout.val_override_config) if validation else {}
+    return SamplingParams(
+        n=int(override.get("n", rollout.n)), temperature=float(override.get("temperature", rollout.temperature)),
+        top_p=float(override.get("top_p", rollout.top_p)), top_k=rollout.top_k, max_new_tokens=response_length,
+        strategy=rollout.sampling_strategy, latent_size=rollout.latent_size,
+        latent_noise_std=0.0 if validation else rollout.monet.latent_noise_std, seed=seed,
+        repetition_penalty=rollout.repetition_penalty,
+    )
+
+
+def rollout_metrics(batch: Batch, rewards: RewardResult) -> dict:
+    mask = batch.tensors["response_mask"].float()
+    valid = batch.tensors["attention_mask"][:, -mask.shape[1]:].float()
+    metrics = {
+        "rollout/response_length": float(valid.sum(-1).mean()),
+        "rollout/latent_blocks": float(np.mean(batch.non_tensors["num_blocks"])),
+        "rollout/truncated_block_rate": float(np.mean(batch.non_tensors["truncated_block"])),
+        "rollout/clip_rate": float(np.mean([r == "length" for r in batch.non_tensors["finish_reason"]])),
+    }
+    if "old_log_probs" in batch.tensors.keys():
+        text = mask * (batch.tensors["rollout_log_probs"] != 0).float()
+        diff = (batch.tensors["old_log_probs"] - batch.tensors["rollout_log_probs"]).abs() * text
+        metrics["rollout/logprob_diff"] = float(diff.sum() / text.sum().clamp(min=1))
+    if "accuracy" in rewards.components:
+        metrics["reward/accuracy"] = float(np.mean([a > 0 for a in rewards.components["accuracy"]]))
+    return metrics
+
+
+class BatchMaker:
+    def __init__(self, config, tokenizer, policy, reward, loader, total_steps: int):
+        self.config, self.tokenizer, self.policy, self.reward = config, tokenizer, policy, reward
+        self.tokens = LatentTokens.from_tokenizer(tokenizer)
+        self.response_length = config.data.max_response_length
+        self.loader, self.total_steps = loader, total_steps
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def generate(self, items: list[dict], params: SamplingParams, tag: str) -> Batch:
+        for index, item in enumerate(items):
+            item["uid"] = f"{tag}-{index}"
+        shards = np.array_split(np.arange(len(items)), self.policy.world_size)
+        futures = [worker.generate.remote([self._prompt(items[i]) for i in shard], params)
+                   for worker, shard in zip(self.policy.workers, shards) if len(shard)]
+        samples = []
+        for shard, result in zip([s for s in shards if len(s)], ray.get(futures)):
+            for sample in result:
+                sample.prompt_index = int(shard[sample.prompt_index])
+                samples.append(sample)
+        return build_rollout_batch(items, samples, params.n, self.tokens.pad_token, self.response_length)
+
+    @staticmethod
+    def _prompt(item: dict) -> PromptInput:
+        return PromptInput(item["input_ids"], item.get("pixel_values"), item.get("image_grid_thw"))
+
+    def reward_inputs(self, batch: Batch) -> list[RewardInput]:
+        non = batch.non_tensors
+        responses = batch.tensors["responses"]
+        valid = batch.tensors["attention_mask"][:, -responses.shape[1]:]
+        return [
+            RewardInput(prompt=non["raw_prompt"][i], response=render_response(self.tokenizer, responses[i][valid[i] > 0],
+                                                                               self.tokens),
+                        ground_truth=str(non["ground_truth"][i]), response_length=int(valid[i].sum()),
+                        extra=dict(non["extra"][i] or {}), group_id=str(non["uid"][i]))
+            for i in range(len(batch))
+        ]
+
+    def score_async(self, batch: Batch, step: int):
+        return self.reward.compute.remote(self.reward_inputs(batch), step=step,
+                                          total_steps=self.total_steps)
+
+    # ---- training batches ------------------------------------------------------------------------------------
+    def make_training_batch(self, step: int):
+        rollout = self.config.worker.rollout
+        if not rollout.online_difficulty_sampling:
+            params = sampling_params(rollout, self.response_length, self._seed(step, 0))
+            batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}")
+            return batch, self.score_async(batch, step), {}
+        return self._difficulty_sampled_batch(step)
+
+    def _difficulty_sampled_batch(self, step: int):
+        rollout, want = self.config.worker.rollout, self.config.data.rollout_batch_size
+        kept, kept_rewards, seen = [], [], []
+        tries = self.config.trainer.max_try_make_batch
+        for attempt in itertools.count() if tries < 0 else range(tries):
+            params = sampling_params(rollout, self.response_length, self._seed(step, attempt))
+            batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}t{attempt}")
+            result = ray.get(self.score_async(batch, step))
+            accuracy = group_accuracy(batch, result, rollout.n)
+            seen.extend(accuracy)
+            keep = [g for g, acc in enumerate(accuracy) if 0 < acc <= rollout.monet.select_acc_threshold]
+            rows = [g * rollout.n + k for g in keep for k in range(rollout.n)]
+            if rows:
+                kept.append(batch[torch.tensor(rows)])
+                kept_rewards.append(select_rewards(result, rows))
+            if sum(len(b) for b in kept) >= want * rollout.n:
+                break
+        else:
+            raise NoQualifyingGroupsError(
+                f"online difficulty sampling: only {sum(len(b) for b in kept) // rollout.n} of {want} groups had "
+                f"accuracy in (0, {rollout.monet.select_acc_threshold}] after {len(seen) and attempt + 1} tries "
+                f"(trainer.max_try_make_batch); group accuracies seen: mean {np.mean(seen):.2f}. Lower "
+                "worker.rollout.monet.select_acc_threshold bounds or raise trainer.max_try_make_batch.")
+        rows = torch.arange(want * rollout.n)
+        batch = Batch.concat(kept)[rows]
+        result = merge_rewards(kept_rewards, want * rollout.n)
+        metrics = {"rollout/difficulty_tries": attempt + 1, "rollout/group_accuracy_seen": float(np.mean(seen))}
+        return batch, ray.put(result), metrics
+
+    def _seed(self, step: int, attempt: int) -> int:
+        return int(self.config.worker.rollout.seed) + 100_003 * step + 1_009 * attempt
+
+    # ---- validation ------------------------------------------------------------------------------------------
+    def validate(self, dataset, step: int, tracker) -> dict:
+        rollout = self.config.worker.rollout
+        size = self.config.data.val_batch_size if self.config.data.val_batch_size > 0 else len(dataset)
+        accuracies, rewards, lengths, blocks, logged = [], [], [], [], []
+        for start in range(0, len(dataset), size):
+            items = [dict(dataset[i]) for i in range(start, min(len(dataset), start + size))]
+            params = sampling_params(rollout, self.response_length, self._seed(0, 7), validation=True)
+            batch = self.generate(items, params, tag=f"val{step}-{start}")
+            inputs = self.reward_inputs(batch)
+            result = ray.get(self.reward.compute.remote(inputs, step=step, total_steps=self.total_steps))
+            accuracies += [a > 0 for a in result.components.get("accuracy", result.overall)]
+            rewards += result.overall
+            lengths += [x.response_length for x in inputs]
+            blocks += list(batch.non_tensors["num_blocks"])
+            logged += [{"prompt": x.prompt, "response": x.response, "ground_truth": x.ground_truth, "score": s}
+                       for x, s in zip(inputs, result.overall)]
+        tracker.log_generations(step, logged[: self.config.trainer.val_generations_to_log])
+        return {"val/accuracy": float(np.mean(accuracies)), "val/reward": float(np.mean(rewards)),
+                "val/response_length": float(np.mean(lengths)), "val/latent_blocks": float(np.mean(blocks))}
+
+
+def group_accuracy(batch: Batch, result: RewardResult, n: int) -> list[float]:
+    correct = np.array([a > 0 for a in result.components.get("accuracy", result.overall)], dtype=float)
+    return list(correct.reshape(-1, n).mean(-1))
+
+
+def select_rewards(result: RewardResult, rows: list[int]) -> RewardResult:
+    return RewardResult([result.overall[r] for r in rows],
+                        {k: [v[r] for r in rows] for k, v in result.components.items()}, dict(result.metrics))
+
+
+def merge_rewards(parts: list[RewardResult], size: int) -> RewardResult:
+    overall = [x for part in parts for x in part.overall][:size]
+    components = {k: [x for part in parts for x in part.components.get(k, [])][:size] for k in parts[0].components}
+    metrics = {k: float(np.mean([p.metrics[k] for p in parts if k in p.metrics])) for k in parts[0].metrics}
+    metrics["reward/mean"] = float(np.mean(overall))
+    return RewardResult(overall, components, metrics)

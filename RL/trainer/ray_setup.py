@@ -1,0 +1,30 @@
+"""Starting or joining Ray: a local cluster by default, an existing one when RAY_ADDRESS is set."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+    "RAY_USAGE_STATS_ENABLED": "0", "NCCL_DEBUG": "WARN", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+}
+
+
+def init_ray(num_local_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = {key: value for key, value in WORKER_ENV.items()}
+    env.update({key: os.environ[key] for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                  "LATENT_SIZE", "WANDB_MODE") if key in os.environ})
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    temp_dir = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray_latent_rl"))
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    cpus = num_local_cpus or max(2, os.cpu_count() or 2)
+    ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=str(temp_dir), runtime_env={"env_vars": env},
+             log_to_driver=True, configure_logging=False)

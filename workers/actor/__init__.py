@@ -1,0 +1,1 @@
+"""The actor role: the trained policy under FSDP2 (log-probs, PPO/VLPO update, checkpoints)."""

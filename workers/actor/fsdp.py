@@ -1,0 +1,38 @@
+"""FSDP2 wrapping and distributed helpers shared by the actor and the reference model."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True):
+    """fully_shard every decoder layer and vision block, then the root, over all ranks (gloo on CPU, NCCL on GPU)."""
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device_type(), (world,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if policy is not None:
+        kwargs["mp_policy"] = policy
+    for module in model.modules():
+        if type(module).__name__ in ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=device_type()).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def full_tensor(value):
+    """A DTensor's global value (FSDP2 returns gradient norms as DTensors), else the tensor itself."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

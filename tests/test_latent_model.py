@@ -142,3 +142,11 @@ def test_recurrent_sft_forward_feeds_previous_hidden_states(model_and_processor)
     assert (latents - step_latents.reshape(-1, latents.shape[-1])).abs().max() <= 1e-4
     prompt_len = enc["input_ids"].shape[1]
     assert (out.logits[:, prompt_len - 1:] - step_logits).abs().max() <= 1e-4
+
+
+def test_stock_generate_still_works_on_the_latent_subclass(model_and_processor):
+    model, processor = model_and_processor
+    enc = encode_prompts(processor, ["What colour?"], [coloured_image()])
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    prompt_len = enc["input_ids"].shape[1]
+    assert torch.equal(out[:, :prompt_len], enc["input_ids"]) and prompt_len < out.shape[1] <= prompt_len + 4

@@ -8,6 +8,7 @@ Without `latent_mode` the model is the stock transformers one, so `generate` and
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,13 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from monet_models.latent_tokens import LatentTokens
+
+
+def _with_latent_mode(signature: inspect.Signature) -> inspect.Signature:
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = inspect.Parameter("latent_mode", inspect.Parameter.KEYWORD_ONLY, default=False)
+    var_kw = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=params + [extra] + var_kw)
 
 
 @dataclass
@@ -64,6 +72,9 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         if not latent_mode:
             return super().forward(*args, **kwargs)
         return self.latent_forward(*args, **kwargs)
+
+    # `generate` validates its kwargs against forward's signature: advertise the parent's, plus `latent_mode`.
+    forward.__signature__ = _with_latent_mode(inspect.signature(Qwen2_5_VLForConditionalGeneration.forward))
 
     def latent_forward(
         self,

@@ -1,0 +1,180 @@
+"""Rollout throughput: transformers `generate` (sampled, no latents) vs the native engine (`sample`, `monet`).
+
+    python -m tools.bench_rollout                       # tiny random model, 32 prompts with images, 64 tokens
+    python -m tools.bench_rollout --hidden 2048 --layers 36 --heads 16 --kv-heads 2 --intermediate 11008 \
+        --vocab 151936 --device cuda --dtype bf16       # random-initialised 3B-sized model
+    python -m tools.bench_rollout --model-path /ckpt/qwen2.5-vl-7b --device cuda --dtype bf16
+
+Every method produces exactly prompts x new-tokens tokens (`min_new_tokens` for generate, `ignore_eos` for the
+engine). `monet` gets a logit bias on `<abs_vis_token>` so that blocks really open; the JSON reports the share of
+latent positions. Times are medians over repeats after one warm-up run. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", help="a Qwen2.5-VL folder; default: a random model of the sizes below")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=None, help="logits width (default: the tiny tokenizer's)")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--latent-size", type=int, default=10)
+    parser.add_argument("--latent-bias", type=float, default=6.0, help="logit bias on <abs_vis_token> for monet")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="generate,sample,monet")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def random_model(args, dtype):
+    """Tiny tokenizer/processor with a random text model of the requested size (vision stays tiny)."""
+    from monet_models.latent_tokens import LatentTokens
+    from monet_models.processor import load_processor
+    from monet_models.transformers import LatentQwen2_5_VLForConditionalGeneration
+    from tools.make_tiny_model import build_config, build_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="bench_rollout_") as folder:
+        processor = load_processor(str(build_tiny_model(folder, seed=args.seed)))
+    config = build_config(processor.tokenizer)
+    text = config.text_config
+    head_dim = args.hidden // args.heads
+    quarter = head_dim // 2 // 4
+    text.hidden_size, text.num_hidden_layers, text.intermediate_size = args.hidden, args.layers, args.intermediate
+    text.num_attention_heads, text.num_key_value_heads = args.heads, args.kv_heads
+    text.head_dim = head_dim
+    text.layer_types = ["full_attention"] * args.layers
+    text.rope_parameters["mrope_section"] = [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]
+    text.vocab_size = args.vocab or text.vocab_size
+    config.vision_config.out_hidden_size = args.hidden
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        model = LatentQwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.set_latent_tokens(LatentTokens.from_tokenizer(processor.tokenizer))
+    return model.eval(), processor
+
+
+def stock_view(model):
+    """The stock transformers class over the same modules (the latent subclass's forward hides its kwargs from
+    `generate`'s validation); built on the meta device, so no weights are copied."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        stock = Qwen2_5_VLForConditionalGeneration(model.config)
+    stock.model, stock.lm_head = model.model, model.lm_head
+    stock.generation_config = model.generation_config
+    return stock.eval()
+
+
+def make_prompts(processor, count: int, seed: int):
+    from tools.toy_task import QUESTIONS, draw_shape
+    import random
+
+    rng = random.Random(seed)
+    questions = list(QUESTIONS.values())
+    texts, images = [], []
+    for index in range(count):
+        question = questions[index % len(questions)] + " Think step by step." * (index % 3)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        image = draw_shape(rng.choice(["red", "blue"]), rng.choice(["circle", "square"]), "left", rng)
+        images.append(image.resize((56 * (1 + index % 2), 56)))
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def timed_round_robin(runs: dict, device: str, repeats: int) -> dict:
+    """Warm every method up, then time them in turns, so load from other processes hits all methods alike."""
+    outputs = {name: fn() for name, fn in runs.items()}
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs[name] = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), times[name], outputs[name]) for name in runs}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from monet_models.transformers import DTYPES, load_latent_model
+    from workers.rollout import NativeRolloutEngine, SamplingParams, prompt_inputs_from_batch
+
+    dtype = DTYPES[args.dtype]
+    if args.model_path:
+        model, processor = load_latent_model(args.model_path, dtype=dtype)
+        model = model.to(args.device).eval()
+    else:
+        model, processor = random_model(args, dtype)
+    enc = make_prompts(processor, args.prompts, args.seed).to(args.device)
+    prompts = prompt_inputs_from_batch(enc["input_ids"], enc["attention_mask"], model.config.image_token_id,
+                                       enc["pixel_values"], enc["image_grid_thw"], processor.image_processor.merge_size)
+    engine = NativeRolloutEngine(model, processor.tokenizer)
+    expected = args.prompts * args.n * args.new_tokens
+    results = {}
+    stock = stock_view(model)
+
+    def run_generate():
+        with torch.no_grad():
+            return stock.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  num_return_sequences=args.n)
+
+    def run_engine(strategy):
+        bias = {engine.tokens.start: args.latent_bias} if strategy == "monet" else None
+        params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new_tokens, strategy=strategy,
+                                latent_size=args.latent_size, ignore_eos=True, seed=args.seed, logit_bias=bias)
+        return lambda: engine.generate(prompts, params)
+
+    runs = {method: run_generate if method == "generate" else run_engine(method) for method in args.methods.split(",")}
+    for method, (seconds, times, out) in timed_round_robin(runs, args.device, args.repeats).items():
+        produced = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] if method == "generate" \
+            else sum(len(s.response_ids) for s in out)
+        entry = {"seconds": round(seconds, 4), "tokens": produced, "tokens_per_s": round(produced / seconds, 1),
+                 "all_seconds": [round(t, 4) for t in times]}
+        if method == "monet":
+            latents = sum(s.num_latents for s in out)
+            entry["latent_fraction"] = round(latents / produced, 3)
+            entry["blocks_per_sample"] = round(sum(len(s.block_positions) for s in out) / len(out), 2)
+        if produced != expected:
+            entry["warning"] = f"expected {expected} tokens"
+        results[method] = entry
+    report = {
+        "device": args.device, "dtype": args.dtype, "threads": args.threads, "prompts": args.prompts, "n": args.n,
+        "new_tokens": args.new_tokens, "latent_size": args.latent_size,
+        "model": args.model_path or {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                                     "kv_heads": args.kv_heads, "intermediate": args.intermediate,
+                                     "vocab": model.config.text_config.vocab_size},
+        "parameters": sum(p.numel() for p in model.parameters()), "results": results,
+    }
+    if "generate" in results and "sample" in results:
+        report["sample_vs_generate"] = round(results["sample"]["tokens_per_s"] / results["generate"]["tokens_per_s"], 2)
+    if "monet" in results and "sample" in results:
+        report["monet_vs_sample"] = round(results["monet"]["tokens_per_s"] / results["sample"]["tokens_per_s"], 2)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

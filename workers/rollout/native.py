@@ -1,0 +1,235 @@
+"""The native rollout engine: batched, KV-cached decoding with torch + transformers, latent blocks included.
+
+Per chunk of prompts: images are encoded once, the unique prompts are prefilled once (left-padded, explicit
+mRoPE positions) and the cache is repeated n times. Each decode step is one forward for the whole batch with
+explicit (3, B, 1) positions (unpadded index + per-row rope delta; transformers 5.x ignores cache positions), and
+inputs that are either token embeddings or, at latent steps, the previous final-norm hidden state (+ noise).
+Finished rows are dropped from the cache and every per-row tensor once enough of them have finished, so the
+cost shrinks with the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from monet_models.latent_tokens import LatentTokens
+from workers.rollout.kv_cache import RolloutCache
+from workers.rollout.base import PromptInput, RolloutEngine, RolloutSample, SamplingParams
+from workers.rollout.latent_state import LatentLayout, LatentStates
+from workers.rollout.records import RolloutRecorder
+from workers.rollout.sampling import Sampler, log_probs_of, make_generator
+
+
+@dataclass
+class _Batch:
+    """Per-row decode state of the live batch; `rows` maps live rows to recorder rows."""
+
+    rows: torch.Tensor
+    cache: RolloutCache
+    mask: torch.Tensor  # (B, prompt_len + max_new) bool, every generated column already True
+    base_position: torch.Tensor  # (B,) unpadded prompt length + rope delta
+    hidden: torch.Tensor  # (B, D) final-norm hidden state of the last position
+    logits: torch.Tensor  # (B, V) fp32
+    done: torch.Tensor  # (B,) bool
+    end_at: torch.Tensor  # (B,) response length once done
+    seen: torch.Tensor | None  # (B, V) bool for the repetition penalty
+    states: LatentStates
+    needs_mask: bool
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        for name in ("rows", "mask", "base_position", "hidden", "logits", "done", "end_at"):
+            setattr(self, name, getattr(self, name)[keep])
+        if self.seen is not None:
+            self.seen = self.seen[keep]
+        self.states.select(keep)
+        self.needs_mask = not bool(self.mask.all())
+
+
+class NativeRolloutEngine(RolloutEngine):
+    """`generate` for a `LatentQwen2_5_VLForConditionalGeneration` (see `monet_models.transformers`).
+
+    max_batch_prompts bounds memory (prompts decoded together; their n samples share the batch);
+    compact_fraction is the share of finished rows that triggers compaction.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_prompts: int | None = None, compact_fraction: float = 0.25,
+                 progress: bool = False):
+        self.model = model
+        self.tokens = LatentTokens.from_tokenizer(tokenizer)
+        if getattr(model, "latent_tokens", None) is None:
+            model.set_latent_tokens(self.tokens)
+        self.real_vocab_size = len(tokenizer)
+        self.max_batch_prompts = max_batch_prompts
+        self.compact_fraction = compact_fraction
+        self.progress = progress
+        language_model = model.model.language_model
+        self._ready_mask = (model.config._attn_implementation == "sdpa"
+                            and not getattr(language_model, "has_sliding_layers", False))
+        self.stats: dict[str, int] = {}  # of the last generate: decode forwards, rows x forwards, compactions
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def stop_ids(self, params: SamplingParams) -> torch.Tensor:
+        """The tokenizer's EOS, the generation config's EOS ids (Qwen lists two) and the params' extra stops."""
+        config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if config_eos is None:
+            config_eos = []
+        elif isinstance(config_eos, int):
+            config_eos = [config_eos]
+        ids = {self.tokens.eos, *config_eos, *params.stop_token_ids}
+        return torch.tensor(sorted(ids), device=self.device)
+
+    def generate(self, prompts: list[PromptInput], params: SamplingParams) -> list[RolloutSample]:
+        generator = make_generator(params.seed, self.device)
+        chunk = self.max_batch_prompts or max(len(prompts), 1)
+        samples: list[RolloutSample] = []
+        self.stats = {"forwards": 0, "row_forwards": 0, "compactions": 0}
+        was_training = self.model.training
+        # Eval mode: under gradient checkpointing, train-mode layers silently drop the KV cache.
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for offset in range(0, len(prompts), chunk):
+                    samples += self._generate_chunk(prompts[offset:offset + chunk], params, generator, offset)
+        finally:
+            self.model.train(was_training)
+        return samples
+
+    def layout(self, params: SamplingParams) -> LatentLayout:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        return LatentLayout(self.tokens, params.latent_size, params.uses_latents, vocab, self.real_vocab_size)
+
+    def _generate_chunk(self, prompts, params, generator, offset) -> list[RolloutSample]:
+        layout = self.layout(params)
+        batch = self._prefill(prompts, params, layout)
+        recorder = RolloutRecorder(len(prompts) * params.n, params.max_new_tokens, self.tokens.pad_token, self.device)
+        self._decode(batch, params, layout, generator, recorder)
+        return recorder.to_samples(params.n, offset, layout)
+
+    def _prefill(self, prompts: list[PromptInput], params: SamplingParams, layout: LatentLayout) -> _Batch:
+        """Prefill each unique prompt once, then repeat its cache and state for its n samples."""
+        model, device = self.model, self.device
+        ids, mask = _left_pad([p.input_ids for p in prompts], self.tokens.pad_token, device)
+        grids = [p.image_grid_thw for p in prompts if p.has_images]
+        grid = torch.cat(grids).to(device) if grids else None
+        image_embeds = None
+        if grid is not None:
+            visual = getattr(model.model, "visual", None)
+            dtype = visual.dtype if visual is not None else model.dtype
+            pixels = torch.cat([p.pixel_values for p in prompts if p.has_images]).to(device, dtype)
+            image_embeds = model.encode_images(pixels, grid)
+        positions, deltas = model.mrope_positions(ids, mask, grid)
+        cache = RolloutCache(model.config, reserve=params.max_new_tokens)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, image_embeds=image_embeds,
+                    past_key_values=cache, use_cache=True, compute_logits=False, latent_mode=True)
+        hidden = out.hidden_states[:, -1]
+        logits = model.lm_head(hidden).float()
+        base = mask.sum(-1) + deltas.view(-1).to(device)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(len(prompts), layout.vocab_size, dtype=torch.bool, device=device)
+            seen.scatter_(1, ids, mask.bool())
+        n = params.n
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            mask, base, hidden, logits = (t.repeat_interleave(n, 0) for t in (mask, base, hidden, logits))
+            seen = None if seen is None else seen.repeat_interleave(n, 0)
+        rows = mask.shape[0]
+        full_mask = torch.cat([mask.bool(), mask.new_ones(rows, params.max_new_tokens, dtype=torch.bool)], dim=1)
+        return _Batch(
+            rows=torch.arange(rows, device=device), cache=cache, mask=full_mask, base_position=base, hidden=hidden,
+            logits=logits, done=torch.zeros(rows, dtype=torch.bool, device=device),
+            end_at=torch.full((rows,), params.max_new_tokens, dtype=torch.long, device=device), seen=seen,
+            states=LatentStates(layout, rows, device), needs_mask=not bool(mask.all()),
+        )
+
+    def _decode(self, batch: _Batch, params, layout, generator, recorder: RolloutRecorder) -> None:
+        sampler = Sampler(params, layout.blocked_in_text(self.device), generator)
+        stop_ids = None if params.ignore_eos else self.stop_ids(params)
+        prompt_len = batch.mask.shape[1] - params.max_new_tokens
+        steps = range(params.max_new_tokens)
+        if self.progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="rollout", unit="tok")
+        for t in steps:
+            tokens, feed = self._step(batch, sampler, stop_ids, params, t, recorder)
+            # One host sync per step: it decides latent recording, stopping and compaction.
+            num_done, num_feed = torch.stack([batch.done.sum(), feed.sum()]).tolist()
+            latents = self._latents(batch.hidden, num_feed, params, generator)
+            if num_feed:
+                recorder.record_latents(batch.rows[feed], t, latents[feed])
+            if num_done == len(tokens) or t == params.max_new_tokens - 1:
+                break
+            inputs = self.model.get_input_embeddings()(tokens)
+            if num_feed:
+                inputs = torch.where(feed.unsqueeze(-1), latents.to(inputs.dtype), inputs)
+            if num_done >= max(1, self.compact_fraction * len(tokens)):
+                inputs = inputs[self._compact(batch, recorder)]
+            self._forward(batch, inputs, prompt_len, t)
+        recorder.record_end(batch.rows, batch.end_at, batch.done, batch.states.in_block)
+
+    def _step(self, batch: _Batch, sampler: Sampler, stop_ids, params, t: int, recorder: RolloutRecorder):
+        """Sample (text rows) or force (block rows) response position t; returns (tokens, rows feeding a latent)."""
+        step = batch.states.advance(sampler(batch.logits, batch.seen))
+        tokens = step.tokens
+        log_probs = torch.where(step.sampled, log_probs_of(batch.logits, tokens, params.log_prob_temperature), 0.0)
+        recorder.record_step(batch.rows, t, tokens, log_probs)
+        feed = step.feed_latent & ~batch.done
+        if stop_ids is not None:
+            stopped = step.sampled & torch.isin(tokens, stop_ids) & ~batch.done
+            batch.end_at = torch.where(stopped, t + 1, batch.end_at)
+            batch.done |= stopped
+        if batch.seen is not None:
+            batch.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+        return tokens, feed
+
+    def _compact(self, batch: _Batch, recorder: RolloutRecorder) -> torch.Tensor:
+        """Drop finished rows (recording how they ended); returns the kept live-row indices."""
+        keep = (~batch.done).nonzero().flatten()
+        gone = batch.done.nonzero().flatten()
+        recorder.record_end(batch.rows[gone], batch.end_at[gone], batch.done[gone], batch.states.in_block[gone])
+        batch.select(keep)
+        self.stats["compactions"] += 1
+        return keep
+
+    @staticmethod
+    def _latents(hidden, num_feed, params, generator):
+        """z = h + sigma * eps for every row (only feeding rows use it); None when no row feeds a latent."""
+        if not num_feed:
+            return None
+        latents = hidden.float()
+        if params.latent_noise_std > 0:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            latents = latents + params.latent_noise_std * noise
+        return latents
+
+    def _forward(self, batch: _Batch, inputs: torch.Tensor, prompt_len: int, t: int) -> None:
+        """Feed response position t (sequence column prompt_len + t); its mRoPE position is base + t on all rows."""
+        rows = inputs.shape[0]
+        self.stats["forwards"] += 1
+        self.stats["row_forwards"] += rows
+        positions = (batch.base_position + t).view(1, rows, 1).expand(3, rows, 1)
+        mask = None
+        if batch.needs_mask:
+            mask = batch.mask[:, :prompt_len + t + 1]
+            # sdpa takes a ready (B, 1, 1, L) padding mask as-is: no per-step mask construction in transformers.
+            mask = mask[:, None, None, :] if self._ready_mask else mask
+        out = self.model(inputs_embeds=inputs.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                         past_key_values=batch.cache, use_cache=True, latent_mode=True)
+        batch.hidden = out.hidden_states[:, -1]
+        batch.logits = out.logits[:, -1].float()
+
+
+def _left_pad(sequences: list[torch.Tensor], pad_id: int, device):
+    """(ids, mask) for 1-D sequences, padded on the left."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, longest - len(sequence):] = torch.as_tensor(sequence, dtype=torch.long)
+        mask[row, longest - len(sequence):] = 1
+    return ids.to(device), mask.to(device)

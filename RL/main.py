@@ -14,8 +14,8 @@ from monet_models import load_processor
 from tools.judges import check_judge_credentials
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = load_config(sys.argv[1:] if argv is None else argv)
+def build_trainer(config):
+    """Validate everything, write the run's config.yaml, load the data, start the workers."""
     if config.worker.rule_based_judge.api_name:
         check_judge_credentials(config.worker.rule_based_judge)
     run_dir = Path(config.trainer.run_dir)
@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from RL.trainer.vlpo_trainer import VLPOTrainer  # imports Ray and the workers: after validation
 
-    trainer = VLPOTrainer(config, loader, val_set, processor, total_steps)
+    return VLPOTrainer(config, loader, val_set, processor, total_steps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    trainer = build_trainer(load_config(sys.argv[1:] if argv is None else argv))
     try:
         trainer.fit()
     finally:

@@ -25,6 +25,6 @@ def init_ray(num_local_cpus: int | None = None) -> None:
         return
     temp_dir = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray_latent_rl"))
     temp_dir.mkdir(parents=True, exist_ok=True)
-    cpus = num_local_cpus or max(2, os.cpu_count() or 2)
+    cpus = num_local_cpus or max(8, os.cpu_count() or 1)  # logical slots: workers of two pools may share cores
     ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=str(temp_dir), runtime_env={"env_vars": env},
              log_to_driver=True, configure_logging=False)

@@ -42,11 +42,16 @@ class VLPOTrainer:
         self.total_steps = total_steps
         init_ray()
         self.world_size = trainer.nnodes * trainer.n_gpus_per_node
-        self.policy = WorkerGroup(PolicyWorker, self.world_size, torch.cuda.is_available(), name="policy")
-        self.policy.call("init_roles", config, ["actor", "rollout", "ref"], self.total_steps)
+        use_gpu, colocate = torch.cuda.is_available(), config.worker.placement.colocate
+        self.policy = WorkerGroup(PolicyWorker, self.world_size, use_gpu, name="policy")
+        self.policy.call("init_roles", config, ["actor", "ref"] + (["rollout"] if colocate else []), self.total_steps)
+        self.rollout = self.policy
+        if not colocate:  # a second pool of processes that only generates; weights travel through Ray
+            self.rollout = WorkerGroup(PolicyWorker, self.world_size, use_gpu, name="rollout")
+            self.rollout.call("init_roles", config, ["rollout"], self.total_steps)
         self.reward = ray.remote(RewardWorker).options(num_cpus=0).remote(
             config.worker.reward, config.worker.rule_based_judge, str(self.run_dir))
-        self.batches = BatchMaker(config, processor.tokenizer, self.policy, self.reward, train_loader, total_steps)
+        self.batches = BatchMaker(config, processor.tokenizer, self.rollout, self.reward, train_loader, total_steps)
         algorithm = config.algorithm
         self.kl_controller = (AdaptiveKLController(algorithm.kl_coef, algorithm.kl_target, algorithm.kl_horizon)
                               if algorithm.kl_type == "adaptive" else FixedKLController(algorithm.kl_coef))
@@ -95,7 +100,7 @@ class VLPOTrainer:
             with timed(timing, "update_actor"):
                 actor_metrics = self._mean_dicts(self.policy.dispatch("update_actor", batch, self._mini_batch_size()))
             with timed(timing, "sync_weights"):
-                self.policy.call("sync_rollout_weights")
+                self.sync_rollout_weights()
         self.kl_controller.update(actor_metrics.get("actor/kl_loss", 0.0), 1)
         tokens = float(batch.tensors["attention_mask"].sum())
         return {"step": step, **gen_metrics, **rewards.metrics, **rollout_metrics(batch, rewards), **actor_metrics,
@@ -103,6 +108,13 @@ class VLPOTrainer:
                 "perf/throughput": tokens / timing["timing_s/step"] / self.world_size}
 
     # ---- pieces ----------------------------------------------------------------------------------------------
+    def sync_rollout_weights(self) -> None:
+        if self.rollout is self.policy:
+            self.policy.call("sync_rollout_weights")
+            return
+        state = ray.put(self.policy.call("export_weights")[0])
+        self.rollout.call("load_rollout_weights", state)
+
     def _add_advantages(self, batch: Batch, rewards) -> None:
         algorithm = self.config.algorithm
         scores = torch.tensor(rewards.overall, dtype=torch.float32)
@@ -142,7 +154,7 @@ class VLPOTrainer:
             return
         step, folder = latest
         self.policy.call("load_checkpoint", str(folder))
-        self.policy.call("sync_rollout_weights")
+        self.sync_rollout_weights()
         state = self.checkpoints.load_trainer_state(folder)
         self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -153,5 +165,7 @@ class VLPOTrainer:
         print(f"resumed {self.run_dir} from step {self.step} ({folder})")
 
     def shutdown(self) -> None:
+        if self.rollout is not self.policy:
+            self.rollout.shutdown()
         self.policy.shutdown()
         ray.kill(self.reward)

@@ -1,0 +1,161 @@
+"""VLPO end to end on a real local Ray cluster with torch.distributed (gloo) on CPU."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from RL.config import load_config
+from RL.main import build_trainer
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "examples/config/vlpo_tiny_cpu.yaml"
+TIMING_KEYS = ("timing_s/", "perf/")
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory, toy_data_dir):
+    """The tiny model after a short latent SFT, so rollouts open latent blocks."""
+    from RL.sft import run_sft
+    from tools.make_tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("vlpo")
+    base = build_tiny_model(root / "tiny", seed=0)
+    config = load_config(overrides(root, toy_data_dir, base, "sft") + [
+        "sft.steps=25", "sft.batch_size=8", f"sft.output_dir={root / 'sft'}"])
+    return str(run_sft(config)), toy_data_dir, root
+
+
+def overrides(root, data_dir, model, name, **extra):
+    values = {
+        "worker.actor.model.model_path": model, "data.train_files": f"{data_dir}/train.jsonl",
+        "data.val_files": f"{data_dir}/val.jsonl", "trainer.save_dir": str(root / "runs"),
+        "trainer.experiment_name": name, "data.rollout_batch_size": 4, "worker.actor.global_batch_size": 4,
+        "worker.rollout.n": 2, "worker.rollout.latent_size": 3, "data.max_response_length": 24,
+        "trainer.val_before_train": False, "trainer.val_freq": -1, "trainer.logger": "[jsonl]",
+    }
+    values.update(extra)
+    return [f"config={CONFIG}"] + [f"{key}={value}" for key, value in values.items()]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def train(args):
+    trainer = build_trainer(load_config(args))
+    try:
+        trainer.fit()
+        return trainer, read_metrics(trainer.run_dir)
+    finally:
+        trainer.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_two_rank_step_saves_and_resumes_at_world_size_one(sft_model):
+    model, data, root = sft_model
+    first, metrics = train(overrides(root, data, model, "ws", **{
+        "trainer.n_gpus_per_node": 2, "trainer.max_steps": 2, "trainer.save_freq": 2,
+        "trainer.val_freq": 2}))
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["rollout/latent_blocks"] > 0 for m in metrics)
+    assert metrics[-1]["rollout/logprob_diff"] < 1e-4  # engine and actor agree on the sampled tokens
+    assert "val/accuracy" in metrics[-1]
+    assert (Path(first.run_dir) / "step_000002" / "SAVE_OK").exists()
+    assert len(list((Path(first.run_dir) / "step_000002/actor/model").glob("*.distcp"))) == 2
+
+    resumed, metrics = train(overrides(root, data, model, "ws", **{
+        "trainer.n_gpus_per_node": 1, "trainer.max_steps": 3, "trainer.save_freq": 3}))
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["rollout/logprob_diff"] < 1e-4
+    assert (Path(resumed.run_dir) / "step_000003" / "SAVE_OK").exists()
+
+
+def test_merged_model_logits_equal_the_trained_actor(sft_model):
+    from monet_models.transformers import load_latent_model
+    from tests.helpers import coloured_image, encode_prompts
+    from tools.merge_model import merge_checkpoint
+
+    model, data, root = sft_model
+    trainer = build_trainer(load_config(overrides(root, data, model, "merge", **{
+        "trainer.n_gpus_per_node": 2, "trainer.max_steps": 1, "trainer.save_freq": 1})))
+    try:
+        trainer.fit()
+        trained_state = trainer.policy.call("export_weights")[0]
+    finally:
+        trainer.shutdown()
+    merged_dir = merge_checkpoint(Path(trainer.run_dir) / "step_000001")
+    merged, processor = load_latent_model(str(merged_dir))
+    actor, _ = load_latent_model(model)
+    actor.load_state_dict(trained_state)
+    original, _ = load_latent_model(model)
+    enc = encode_prompts(processor, ["What colour is the shape?"], [coloured_image()])
+    with torch.no_grad():
+        merged_logits = merged.eval()(**enc, latent_mode=True).logits
+        assert torch.equal(merged_logits, actor.eval()(**enc, latent_mode=True).logits)
+        assert not torch.equal(merged_logits, original.eval()(**enc, latent_mode=True).logits)
+
+
+def test_lora_actor_with_adapter_disabled_reference(sft_model):
+    model, data, root = sft_model
+    _, metrics = train(overrides(root, data, model, "lora", **{
+        "trainer.n_gpus_per_node": 1, "trainer.max_steps": 2, "trainer.save_freq": -1,
+        "worker.actor.model.lora.rank": 4, "worker.actor.model.lora.alpha": 8, "worker.actor.optim.lr": 1e-2}))
+    assert metrics[-1]["actor/kl_loss"] > 0  # the reference (adapters off) differs from the trained adapters
+    assert metrics[-1]["rollout/logprob_diff"] < 1e-4  # the engine received the merged LoRA weights
+
+
+def test_separate_rollout_pool_receives_weights_through_ray(sft_model):
+    model, data, root = sft_model
+    _, metrics = train(overrides(root, data, model, "split", **{
+        "trainer.n_gpus_per_node": 1, "trainer.max_steps": 2, "trainer.save_freq": -1,
+        "worker.placement.colocate": False}))
+    assert metrics[-1]["rollout/logprob_diff"] < 1e-4
+
+
+def run_cli(args, log):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "RL.main", *args], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def without_timing(metrics):
+    return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)} for m in metrics]
+
+
+def test_sigkill_after_checkpoint_resumes_exactly(sft_model, tmp_path):
+    model, data, root = sft_model
+    if ray.is_initialized():
+        ray.shutdown()
+    common = {"trainer.n_gpus_per_node": 1, "trainer.max_steps": 4, "trainer.save_freq": 2}
+    with open(tmp_path / "reference.log", "w") as log:
+        assert run_cli(overrides(root, data, model, "uninterrupted", **common), log).wait(timeout=600) == 0
+    reference = read_metrics(root / "runs/uninterrupted")
+
+    killed_dir = root / "runs/killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = run_cli(overrides(root, data, model, "killed", **common), log)
+        deadline = time.time() + 600
+        while not (killed_dir / "step_000002" / "SAVE_OK").exists():
+            assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    with open(tmp_path / "resumed.log", "w") as log:
+        assert run_cli(overrides(root, data, model, "killed", **common), log).wait(timeout=600) == 0
+    assert "resumed" in (tmp_path / "resumed.log").read_text()
+    resumed = read_metrics(killed_dir)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert without_timing(resumed) == without_timing(reference)

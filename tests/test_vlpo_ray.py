@@ -125,6 +125,20 @@ def test_separate_rollout_pool_receives_weights_through_ray(sft_model):
     assert metrics[-1]["rollout/logprob_diff"] < 1e-4
 
 
+def test_online_difficulty_sampling_keeps_mixed_groups_and_fails_clearly(sft_model):
+    from RL.trainer.batching import NoQualifyingGroupsError
+
+    model, data, root = sft_model
+    common = {"trainer.n_gpus_per_node": 1, "trainer.max_steps": 1, "trainer.save_freq": -1,
+              "worker.rollout.online_difficulty_sampling": True, "trainer.max_try_make_batch": 3}
+    _, metrics = train(overrides(root, data, model, "ods", **{
+        **common, "worker.rollout.monet.select_acc_threshold": 0.5, "trainer.max_try_make_batch": 10}))
+    assert 1 <= metrics[0]["rollout/difficulty_tries"] <= 10
+    assert metrics[0]["reward/accuracy"] == 0.5  # every kept group of 2 has exactly one correct answer
+    with pytest.raises(NoQualifyingGroupsError, match="trainer.max_try_make_batch"):
+        train(overrides(root, data, model, "ods_none", **common, **{"worker.rollout.monet.select_acc_threshold": 1e-6}))
+
+
 def run_cli(args, log):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "RL.main", *args], cwd=REPO, env=env, stdout=log,

@@ -5,15 +5,35 @@ evenly over the ranks and concatenates what they return. Workers run with num_gp
 """
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
+def timed_work(method):
+    """Count a worker method's wall time as busy, so the driver can tell compute from Ray and driver overhead."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy_s = getattr(self, "_busy_s", 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
 class DistributedWorker:
     """Base of worker classes: joins the group's torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
+    def pop_busy_time(self) -> float:
+        busy, self._busy_s = getattr(self, "_busy_s", 0.0), 0.0
+        return busy
 
     def node_address(self) -> tuple[str, int]:
         import socket

@@ -14,7 +14,7 @@ import torch
 from monet_models.transformers import load_latent_model
 from workers.actor.fsdp_actor import FSDPPolicy
 from workers.actor.lora import lora_scaling, merge_lora_state_dict
-from workers.group import DistributedWorker
+from workers.group import DistributedWorker, timed_work
 from workers.rollout.base import SamplingParams
 
 
@@ -26,7 +26,8 @@ class PolicyWorker(DistributedWorker):
         self.actor = FSDPPolicy(actor_cfg, path, trainable=True, total_steps=total_steps) if "actor" in roles else None
         self.ref = None
         if "ref" in roles and self._needs_ref_copy():
-            self.ref = FSDPPolicy(actor_cfg, path, trainable=False)
+            ref_cfg = config.worker.ref
+            self.ref = FSDPPolicy(actor_cfg, path, trainable=False, fsdp=ref_cfg.fsdp, offload=ref_cfg.offload)
         self.engine = None
         if "rollout" in roles:
             self._build_engine(path)
@@ -44,12 +45,14 @@ class PolicyWorker(DistributedWorker):
         self.engine = NativeRolloutEngine(self.engine_model, processor.tokenizer)
 
     # ---- rollout ---------------------------------------------------------------------------------------------
+    @timed_work
     def sync_rollout_weights(self) -> None:
         """Copy the actor's current weights into the rollout engine (collective over the actor group)."""
         state = self._rollout_state()
         if self.engine is not None:
             self.engine_model.load_state_dict(state)
 
+    @timed_work
     def export_weights(self) -> dict | None:
         state = self._rollout_state()
         return state if self.rank == 0 else None
@@ -59,9 +62,11 @@ class PolicyWorker(DistributedWorker):
         lora = self.config.worker.actor.model.lora
         return merge_lora_state_dict(state, lora_scaling(lora)) if lora.rank > 0 else state
 
+    @timed_work
     def load_rollout_weights(self, state: dict) -> None:
         self.engine_model.load_state_dict(state)
 
+    @timed_work
     def generate(self, prompts: list, params: SamplingParams) -> list:
         if params.seed is not None:
             params = dataclasses.replace(params, seed=params.seed + 7919 * self.rank)
@@ -69,15 +74,18 @@ class PolicyWorker(DistributedWorker):
             return self.engine.generate(prompts, params)
 
     # ---- log-probs and update --------------------------------------------------------------------------------
+    @timed_work
     def compute_log_probs(self, batch) -> torch.Tensor:
         return self.actor.compute_log_probs(batch, self.config.worker.actor.monet_rl_sigma)
 
+    @timed_work
     def compute_ref_log_probs(self, batch) -> torch.Tensor:
         sigma = self.config.worker.ref.monet_rl_sigma
         if self.ref is not None:
             return self.ref.compute_log_probs(batch, sigma)
         return self.actor.compute_log_probs(batch, sigma, disable_adapter=True)
 
+    @timed_work
     def update_actor(self, batch, mini_batch_size: int) -> dict:
         return self.actor.update(batch, mini_batch_size)
 

@@ -83,8 +83,13 @@ class VLPOTrainer:
         bar.close()
         self.tracker.close()
 
+    def _pop_busy_time(self) -> float:
+        groups = [self.policy] if self.rollout is self.policy else [self.policy, self.rollout]
+        return sum(max(group.call("pop_busy_time")) for group in groups)
+
     def train_step(self, step: int) -> dict:
         timing: dict = {}
+        self._pop_busy_time()  # forget validation and start-up work
         with timed(timing, "step"):
             with timed(timing, "gen"):
                 batch, reward_future, gen_metrics = self.batches.make_training_batch(step)
@@ -102,6 +107,9 @@ class VLPOTrainer:
             with timed(timing, "sync_weights"):
                 self.sync_rollout_weights()
         self.kl_controller.update(actor_metrics.get("actor/kl_loss", 0.0), 1)
+        busy = self._pop_busy_time()
+        timing["timing_s/worker_busy"] = busy  # the slowest rank's compute; the rest of the step is driver + Ray
+        timing["timing_s/driver_and_ray"] = timing["timing_s/step"] - busy
         tokens = float(batch.tensors["attention_mask"].sum())
         return {"step": step, **gen_metrics, **rewards.metrics, **rollout_metrics(batch, rewards), **actor_metrics,
                 **timing, "actor/kl_coef": self.kl_controller.value,

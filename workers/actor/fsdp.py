@@ -4,21 +4,27 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True):
-    """fully_shard every decoder layer and vision block, then the root, over all ranks (gloo on CPU, NCCL on GPU)."""
+def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+                offload_params: bool = False):
+    """fully_shard every decoder layer and vision block, then the root, over all ranks (gloo on CPU, NCCL on GPU).
+
+    reshard_after_forward=False keeps gathered parameters between forward and backward (ZeRO-2-like);
+    offload_params keeps the shards in CPU memory between uses (only meaningful on GPUs).
+    """
     world = dist.get_world_size()
     mesh = init_device_mesh(device_type(), (world,))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
-    if policy is not None:
-        kwargs["mp_policy"] = policy
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if offload_params and torch.cuda.is_available():
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for module in model.modules():
         if type(module).__name__ in ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"):
             fully_shard(module, **kwargs)

@@ -40,12 +40,16 @@ def lr_lambda(optim_config, total_steps: int):
 class FSDPPolicy:
     """One rank's share of a policy (trainable actor or frozen reference)."""
 
-    def __init__(self, actor_config, model_path: str, trainable: bool, total_steps: int = 1):
+    def __init__(self, actor_config, model_path: str, trainable: bool, total_steps: int = 1, fsdp=None, offload=None):
+        """`fsdp`/`offload` default to the actor's sections; the reference passes its own."""
         self.config = actor_config
-        self.device = torch.device(device_type(), torch.cuda.current_device() if torch.cuda.is_available() else 0) \
-            if torch.cuda.is_available() else torch.device("cpu")
-        dtype = DTYPES[actor_config.fsdp.torch_dtype]
-        model, self.processor = load_latent_model(model_path, dtype="fp32" if trainable else actor_config.fsdp.torch_dtype)
+        fsdp, offload = fsdp or actor_config.fsdp, offload or actor_config.offload
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        compute_dtype = DTYPES[fsdp.torch_dtype]
+        # Trained weights stay fp32 (bf16 compute through FSDP mixed precision) unless the optimizer is adamw_bf16.
+        bf16_master = trainable and actor_config.optim.strategy == "adamw_bf16"
+        load_dtype = "fp32" if trainable and not bf16_master else ("bf16" if bf16_master else fsdp.torch_dtype)
+        model, self.processor = load_latent_model(model_path, dtype=load_dtype)
         if trainable and actor_config.model.enable_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if trainable and actor_config.model.freeze_vision_tower:
@@ -55,7 +59,9 @@ class FSDPPolicy:
         if not trainable:
             model.requires_grad_(False)
         model.to(self.device)
-        self.module = shard_model(model, param_dtype=dtype if dtype != torch.float32 else None)
+        mixed = compute_dtype if model.dtype != compute_dtype else None
+        self.module = shard_model(model, param_dtype=mixed, reshard_after_forward=fsdp.enable_full_shard,
+                                  offload_params=offload.offload_params)
         self.trainable = trainable
         self.optimizer = self.scheduler = None
         if trainable:

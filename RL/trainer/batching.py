@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from RL.protocol import Batch, object_array
+from RL.protocol import Batch
 from RL.rewards.interface import RewardInput
 from RL.rewards.manager import RewardResult
 from RL.trainer.rollout_batch import build_rollout_batch, render_response

@@ -17,9 +17,8 @@ from tqdm import tqdm
 from RL.algorithms import AdaptiveKLController, FixedKLController, compute_advantages
 from RL.checkpoint import CheckpointManager, rng_state, set_rng_state
 from RL.protocol import Batch
-from RL.rewards.interface import RewardInput
 from RL.tracking import Tracker
-from RL.trainer.batching import BatchMaker, rollout_metrics, sampling_params
+from RL.trainer.batching import BatchMaker, rollout_metrics
 from RL.trainer.ray_setup import init_ray
 from workers.group import WorkerGroup
 from workers.policy_worker import PolicyWorker

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from RL.algorithms import aggregate_loss, compute_kl, compute_policy_loss
 from monet_models.transformers import DTYPES, load_latent_model
 from workers.actor.lora import apply_lora
-from workers.actor.fsdp import all_reduce_sum, device_type, full_tensor, shard_model
+from workers.actor.fsdp import all_reduce_sum, full_tensor, shard_model
 from workers.actor.model_inputs import model_inputs, position_log_probs
 
 

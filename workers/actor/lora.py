@@ -1,8 +1,6 @@
 """LoRA (peft) for the actor: targets restricted to the language model, and merged weights for the rollout."""
 from __future__ import annotations
 
-import torch
-
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_PREFIX = "base_model.model."
 

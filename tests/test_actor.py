@@ -1,0 +1,77 @@
+"""The FSDP2 actor in one process (a world of one, gloo): log-probs agree with the rollout, bad steps are skipped."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from RL.config import load_config
+from RL.trainer.rollout_batch import build_rollout_batch
+from monet_models.transformers import load_latent_model
+from tests.helpers import coloured_image, encode_prompts
+from workers.actor.fsdp import full_tensor
+from workers.actor.fsdp_actor import FSDPPolicy
+from workers.rollout import NativeRolloutEngine, PromptInput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def actor_and_batch(process_group, tiny_model_dir, toy_data_dir):
+    config = load_config([
+        "config=examples/config/vlpo_tiny_cpu.yaml", f"worker.actor.model.model_path={tiny_model_dir}",
+        f"data.train_files={toy_data_dir}/train.jsonl", "worker.rollout.latent_size=3",
+        "worker.actor.micro_batch_size_per_device_for_update=2"])
+    actor = FSDPPolicy(config.worker.actor, tiny_model_dir, trainable=True, total_steps=4)
+    model, processor = load_latent_model(tiny_model_dir)
+    enc = encode_prompts(processor, ["What colour is the shape?", "Which shape?"],
+                         [coloured_image(), coloured_image((30, 30, 200))])
+    items = []
+    for i in range(2):
+        ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+        items.append({"input_ids": ids, "pixel_values": enc["pixel_values"][16 * i:16 * (i + 1)],
+                      "image_grid_thw": enc["image_grid_thw"][i:i + 1], "uid": f"p{i}", "ground_truth": "red",
+                      "raw_prompt": "", "extra": {}})
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, strategy="monet", latent_size=3, seed=0,
+                            logit_bias={model.latent_tokens.start: 8.0})
+    engine = NativeRolloutEngine(model, processor.tokenizer)
+    samples = engine.generate([PromptInput(x["input_ids"], x["pixel_values"], x["image_grid_thw"]) for x in items],
+                              params)
+    batch = build_rollout_batch(items, samples, 2, processor.tokenizer.pad_token_id, 12)
+    assert sum(s.num_latents for s in samples) > 0
+    return actor, batch
+
+
+def test_actor_log_probs_match_the_rollout(actor_and_batch):
+    actor, batch = actor_and_batch
+    log_probs = actor.compute_log_probs(batch, sigma=1.0)
+    sampled = batch.tensors["rollout_log_probs"] != 0
+    assert (log_probs - batch.tensors["rollout_log_probs"])[sampled].abs().max() < 1e-4
+    latent = batch.tensors["responses"] == actor.module.latent_tokens.pad
+    assert latent.any() and log_probs[latent].abs().max() < 1e-4  # noise-free latents sit at the mean
+
+
+def test_non_finite_gradient_skips_the_step_and_a_finite_one_updates(actor_and_batch):
+    actor, batch = actor_and_batch
+    batch.tensors["old_log_probs"] = actor.compute_log_probs(batch, sigma=1.0)
+    batch.tensors["ref_log_probs"] = batch.tensors["old_log_probs"].clone()
+    weights = lambda: {k: full_tensor(v.detach()).clone() for k, v in actor.module.named_parameters()}  # noqa: E731
+    before = weights()
+    batch.tensors["advantages"] = torch.full_like(batch.tensors["old_log_probs"], float("nan"))
+    metrics = actor.update(batch, mini_batch_size=len(batch))
+    assert metrics["actor/skipped_steps"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in weights().items())
+
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None].expand_as(batch.tensors["old_log_probs"])
+    batch.tensors["advantages"] = advantages.contiguous()
+    metrics = actor.update(batch, mini_batch_size=len(batch))
+    assert "actor/skipped_steps" not in metrics and metrics["actor/grad_norm"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in weights().items())

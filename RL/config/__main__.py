@@ -1,0 +1,3 @@
+from RL.config.cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""Every refused combination, as messages that lead with the dotted key(s)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from RL.config.schema import CHOICES, LOGGERS, VAL_OVERRIDABLE, ActorConfig, DataConfig, RootConfig
+
+def problems(cfg: RootConfig, require_inputs: bool) -> Iterator[str]:
+    """Every refused combination, as messages that lead with the dotted key(s)."""
+    yield from _check_choices(cfg)
+    yield from _check_data(cfg.data, require_inputs)
+    yield from _check_actor(cfg)
+    yield from _check_rollout(cfg)
+    yield from _check_algorithm(cfg)
+    yield from _check_trainer(cfg)
+    if require_inputs and not cfg.worker.actor.model.model_path:
+        yield "worker.actor.model.model_path: required (a Qwen2.5-VL model folder)"
+
+
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_choices(cfg: RootConfig) -> Iterator[str]:
+    for key, allowed in CHOICES.items():
+        value = get_dotted(cfg, key)
+        if value not in allowed:
+            yield f"{key}: {value!r} is not one of {', '.join(allowed)}"
+    for name in cfg.trainer.logger:
+        if name not in LOGGERS:
+            yield f"trainer.logger: {name!r} is not one of {', '.join(LOGGERS)}"
+
+
+def _files_list(files: Any) -> Optional[list]:
+    if isinstance(files, str):
+        return [files] if files else []
+    if isinstance(files, (list, tuple)) and all(isinstance(item, str) and item for item in files):
+        return list(files)
+    return None
+
+
+def _check_data(data: DataConfig, require_inputs: bool) -> Iterator[str]:
+    for key in ("train_files", "val_files"):
+        files = _files_list(getattr(data, key))
+        if files is None:
+            yield f"data.{key}: expected a path or a list of paths, got {getattr(data, key)!r}"
+        elif require_inputs and key == "train_files" and not files:
+            yield "data.train_files: required (a data file, a folder or a list of them)"
+    for key in ("max_prompt_length", "max_response_length", "rollout_batch_size", "online_accum_size",
+                "min_pixels", "max_pixels"):
+        if getattr(data, key) < 1:
+            yield f"data.{key}: must be >= 1, got {getattr(data, key)}"
+    if data.min_pixels > data.max_pixels:
+        yield f"data.min_pixels, data.max_pixels: min_pixels ({data.min_pixels}) > max_pixels ({data.max_pixels})"
+    for key in ("val_batch_size", "train_max_samples", "val_max_samples"):
+        value = getattr(data, key)
+        if value < 1 and value != -1:
+            yield f"data.{key}: must be -1 (all) or >= 1, got {value}"
+    if data.format_prompt and not Path(data.format_prompt).is_file():
+        yield f"data.format_prompt: no such file {data.format_prompt}"
+    if data.dataloader_num_workers < 0:
+        yield f"data.dataloader_num_workers: must be >= 0, got {data.dataloader_num_workers}"
+
+
+def _check_actor(cfg: RootConfig) -> Iterator[str]:
+    actor, data, n = cfg.worker.actor, cfg.data, cfg.worker.rollout.n
+    for key in ("global_batch_size", "micro_batch_size_per_device_for_update",
+                "micro_batch_size_per_device_for_experience", "ppo_epochs"):
+        if getattr(actor, key) < 1:
+            yield f"worker.actor.{key}: must be >= 1, got {getattr(actor, key)}"
+    if actor.global_batch_size >= 1 and data.rollout_batch_size % actor.global_batch_size:
+        yield (f"data.rollout_batch_size, worker.actor.global_batch_size: rollout_batch_size "
+               f"({data.rollout_batch_size}) must be a multiple of global_batch_size ({actor.global_batch_size})")
+    if actor.global_batch_size >= 1 and n >= 1 and (actor.global_batch_size * n) % cfg.world_size:
+        yield (f"worker.actor.global_batch_size, worker.rollout.n, trainer.n_gpus_per_node, trainer.nnodes: "
+               f"global_batch_size x n ({actor.global_batch_size * n} samples) must split evenly over "
+               f"{cfg.world_size} devices")
+    for key in ("clip_ratio_low", "clip_ratio_high", "max_grad_norm"):
+        if getattr(actor, key) < 0:
+            yield f"worker.actor.{key}: must be >= 0, got {getattr(actor, key)}"
+    if actor.clip_ratio_dual <= 1:
+        yield f"worker.actor.clip_ratio_dual: the dual-clip constant must be > 1, got {actor.clip_ratio_dual}"
+    for key, sigma in (("worker.actor.monet_rl_sigma", actor.monet_rl_sigma),
+                       ("worker.ref.monet_rl_sigma", cfg.worker.ref.monet_rl_sigma)):
+        if not sigma > 0:
+            yield f"{key}: the latent policy std must be > 0, got {sigma}"
+    yield from _check_optim(actor)
+
+
+def _check_optim(actor: ActorConfig) -> Iterator[str]:
+    optim, lora = actor.optim, actor.model.lora
+    if optim.lr <= 0:
+        yield f"worker.actor.optim.lr: must be > 0, got {optim.lr}"
+    if len(optim.betas) != 2 or not all(0 <= beta < 1 for beta in optim.betas):
+        yield f"worker.actor.optim.betas: expected two values in [0, 1), got {list(optim.betas)}"
+    if not 0 <= optim.min_lr_ratio <= 1:
+        yield f"worker.actor.optim.min_lr_ratio: must be in [0, 1], got {optim.min_lr_ratio}"
+    if optim.lr_warmup_steps < 0:
+        yield f"worker.actor.optim.lr_warmup_steps: must be >= 0, got {optim.lr_warmup_steps}"
+    if lora.rank < 0 or (lora.rank > 0 and lora.alpha <= 0):
+        yield "worker.actor.model.lora.rank, worker.actor.model.lora.alpha: rank >= 0 and alpha > 0 required"
+
+
+def _check_rollout(cfg: RootConfig) -> Iterator[str]:
+    rollout = cfg.worker.rollout
+    if rollout.n < 1:
+        yield f"worker.rollout.n: must be >= 1, got {rollout.n}"
+    if rollout.latent_size < 1:
+        yield f"worker.rollout.latent_size: must be >= 1, got {rollout.latent_size}"
+    if rollout.temperature <= 0 and rollout.sampling_strategy != "greedy":
+        yield (f"worker.rollout.temperature: must be > 0 for sampling_strategy={rollout.sampling_strategy} "
+               f"(use worker.rollout.sampling_strategy=greedy)")
+    if not 0 < rollout.top_p <= 1:
+        yield f"worker.rollout.top_p: must be in (0, 1], got {rollout.top_p}"
+    if rollout.monet.latent_noise_std < 0:
+        yield f"worker.rollout.monet.latent_noise_std: must be >= 0, got {rollout.monet.latent_noise_std}"
+    if not 0 < rollout.gpu_memory_utilization <= 1:
+        yield f"worker.rollout.gpu_memory_utilization: must be in (0, 1], got {rollout.gpu_memory_utilization}"
+    if rollout.tensor_parallel_size < 1 or cfg.trainer.n_gpus_per_node % rollout.tensor_parallel_size:
+        yield (f"worker.rollout.tensor_parallel_size, trainer.n_gpus_per_node: tensor_parallel_size "
+               f"({rollout.tensor_parallel_size}) must divide n_gpus_per_node ({cfg.trainer.n_gpus_per_node})")
+    unknown = sorted(set(rollout.val_override_config) - set(VAL_OVERRIDABLE))
+    if unknown:
+        yield f"worker.rollout.val_override_config: unknown keys {unknown}; allowed: {', '.join(VAL_OVERRIDABLE)}"
+    if rollout.online_difficulty_sampling:
+        threshold = rollout.monet.select_acc_threshold
+        if not 0 < threshold <= 1:
+            yield f"worker.rollout.monet.select_acc_threshold: must be in (0, 1], got {threshold}"
+        if rollout.n < 2:
+            yield ("worker.rollout.online_difficulty_sampling, worker.rollout.n: accuracy in (0, threshold] needs "
+                   f"at least 2 samples per prompt, got n={rollout.n}")
+
+
+def _check_algorithm(cfg: RootConfig) -> Iterator[str]:
+    algorithm, n = cfg.algorithm, cfg.worker.rollout.n
+    if algorithm.adv_estimator in ("grpo", "rloo") and n < 2:
+        yield (f"algorithm.adv_estimator, worker.rollout.n: {algorithm.adv_estimator} compares samples within a "
+               f"prompt group and needs worker.rollout.n >= 2, got {n}")
+    if algorithm.disable_kl and algorithm.use_kl_loss:
+        yield ("algorithm.disable_kl, algorithm.use_kl_loss: disable_kl removes the reference model; "
+               "set algorithm.use_kl_loss=false too")
+    if algorithm.kl_coef < 0:
+        yield f"algorithm.kl_coef: must be >= 0, got {algorithm.kl_coef}"
+    if algorithm.kl_type == "adaptive" and (algorithm.kl_target <= 0 or algorithm.kl_horizon <= 0):
+        yield "algorithm.kl_target, algorithm.kl_horizon: the adaptive KL controller needs both > 0"
+    for key in ("gamma", "lam"):
+        if not 0 <= getattr(algorithm, key) <= 1:
+            yield f"algorithm.{key}: must be in [0, 1], got {getattr(algorithm, key)}"
+
+
+def _check_trainer(cfg: RootConfig) -> Iterator[str]:
+    trainer = cfg.trainer
+    for key in ("total_epochs", "nnodes", "n_gpus_per_node"):
+        if getattr(trainer, key) < 1:
+            yield f"trainer.{key}: must be >= 1, got {getattr(trainer, key)}"
+    if trainer.max_steps is not None and trainer.max_steps < 1:
+        yield f"trainer.max_steps: must be >= 1 or null, got {trainer.max_steps}"
+    for key in ("val_freq", "save_freq", "save_limit", "max_try_make_batch"):
+        value = getattr(trainer, key)
+        if value < 1 and value != -1:
+            yield f"trainer.{key}: must be -1 or >= 1, got {value}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", trainer.experiment_name or ""):
+        yield (f"trainer.experiment_name: {trainer.experiment_name!r} must be a folder name "
+               "(letters, digits, . _ + = -)")
+
+

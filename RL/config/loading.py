@@ -1,0 +1,284 @@
+"""Loading: defaults -> `config=path.yaml` -> dotted overrides, derived fields, finalizing, YAML output."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from RL.config.checks import get_dotted, problems
+from RL.config.schema import NOT_SECRET, REPO_ROOT, SECRET_WORDS, ConfigError, RootConfig
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_config(argv: list[str], *, require_inputs: bool = True) -> RootConfig:
+    """Build the config from `argv` (`config=path.yaml` and `dotted.key=value` items) and finalize it.
+
+    `require_inputs=False` skips the check for train_files/model_path (for printing the reference).
+    """
+    yaml_path, overrides = _split_argv(argv)
+    merged = _schema()
+    if yaml_path:
+        layer, stated = _drop_derived(_load_yaml(yaml_path))
+        merged = _merge(merged, layer, str(yaml_path))
+        _check_stated_derived(merged, stated, str(yaml_path))
+    cli = _parse_dotlist(overrides)
+    _refuse_derived(cli, "command line")
+    merged = _merge(merged, cli, "command line")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _config_error(error, "config") from None
+    return finalize(cfg, require_inputs=require_inputs)
+
+
+def _schema():
+    try:
+        return OmegaConf.structured(RootConfig)
+    except ValueError as error:  # an invalid LATENT_SIZE in the environment
+        raise ConfigError(f"worker.rollout.latent_size: {error}") from None
+
+
+def _split_argv(argv: list[str]) -> tuple[Optional[Path], list[str]]:
+    yaml_path, overrides = None, []
+    for item in argv:
+        if "=" not in item:
+            raise ConfigError(f"{item!r}: expected config=path.yaml or dotted.key=value")
+        key, value = item.split("=", 1)
+        if key == "config":
+            yaml_path = Path(value)
+        else:
+            overrides.append(item)
+    return yaml_path, overrides
+
+
+def _load_yaml(path: Path):
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:  # a YAML syntax error names the line
+        raise ConfigError(f"config: cannot parse {path}: {error}") from None
+
+
+def _parse_dotlist(overrides: list[str]):
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"command line: cannot parse overrides {overrides}: {error}") from None
+
+
+def _merge(base, layer, source: str):
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as error:
+        raise _config_error(error, source) from None
+
+
+def _config_error(error: OmegaConfBaseException, source: str) -> ConfigError:
+    """Rewrap an OmegaConf error so it leads with the dotted key, suggesting close keys for unknown ones."""
+    key = getattr(error, "full_key", None) or "config"
+    reason = str(error).split("\n")[0]
+    if isinstance(error, ConfigKeyError):
+        close = suggest_keys(key)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return ConfigError(f"{key}: unknown key (from {source}){hint}")
+    if "ListConfig" in reason:
+        reason += " (expected a list, e.g. [a,b])"
+    return ConfigError(f"{key}: wrong type (from {source}): {reason}")
+
+
+def suggest_keys(key: str, limit: int = 3) -> list[str]:
+    """Known dotted keys close to `key`: same section first, then the same leaf name anywhere."""
+    known = list(_dotted_keys(OmegaConf.to_container(_schema())))
+    parent, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf]  # right name, wrong section
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    close = same_leaf + difflib.get_close_matches(key, siblings, n=limit, cutoff=0.6)
+    leaves = sorted({k.rpartition(".")[2] for k in known})
+    for name in difflib.get_close_matches(leaf, leaves, n=limit, cutoff=0.8):
+        close += [k for k in known if k.rpartition(".")[2] == name]
+    return list(dict.fromkeys(close))[:limit]
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            path = f"{prefix}{name}"
+            yield path
+            yield from _dotted_keys(value, path + ".")
+
+
+def derived_keys(cls: type = RootConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted key of every derived (init=False) field -> the key it is derived from."""
+    keys = {}
+    for item in dataclasses.fields(cls):
+        path = f"{prefix}{item.name}"
+        if "derived_from" in item.metadata:
+            keys[path] = item.metadata["derived_from"]
+        elif item.default_factory is not dataclasses.MISSING:
+            value = item.default_factory()
+            if dataclasses.is_dataclass(value):
+                keys.update(derived_keys(type(value), path + "."))
+    return keys
+
+
+def _drop_derived(layer) -> tuple[Any, dict[str, Any]]:
+    """Take derived keys out of a YAML layer (a run's written config.yaml states them) to be checked later."""
+    container = OmegaConf.to_container(layer)
+    stated = {}
+    for key in derived_keys():
+        *parents, leaf = key.split(".")
+        holder = container
+        for part in parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and leaf in holder:
+            stated[key] = holder.pop(leaf)
+    return OmegaConf.create(container), stated
+
+
+def _check_stated_derived(merged, stated: dict[str, Any], source: str) -> None:
+    """Derived values a YAML states must be what its own settings derive (so a written config.yaml reloads, and a
+    hand-written `worker.actor.kl_coef` is refused rather than silently ignored)."""
+    if not stated:
+        return
+    try:
+        cfg = derive(OmegaConf.to_object(merged))
+    except OmegaConfBaseException as error:
+        raise _config_error(error, source) from None
+    sources = derived_keys()
+    for key, value in stated.items():
+        if get_dotted(cfg, key) != value:
+            raise ConfigError(f"{key}: derived from {sources[key]} (= {get_dotted(cfg, key)!r}), but {source} sets "
+                              f"{value!r}; set {sources[key]} instead")
+
+
+def _refuse_derived(layer, source: str) -> None:
+    sources = derived_keys()
+    for key in _dotted_keys(OmegaConf.to_container(layer)):
+        if key in sources:
+            raise ConfigError(f"{key}: derived from {sources[key]} and cannot be set (from {source}); "
+                              f"set {sources[key]} instead")
+
+
+# ------------------------------------------------------------------------------------------------- finalizing
+def finalize(cfg: RootConfig, *, require_inputs: bool = True) -> RootConfig:
+    """Fill derived fields and make paths absolute (`derive`), then refuse impossible combinations."""
+    derive(cfg)
+    errors = list(problems(cfg, require_inputs))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def derive(cfg: RootConfig) -> RootConfig:
+    """The one place derived fields are filled, parent sections before children."""
+    data, actor, rollout, ref = cfg.data, cfg.worker.actor, cfg.worker.rollout, cfg.worker.ref
+    rollout.prompt_length = data.max_prompt_length
+    rollout.response_length = data.max_response_length
+    rollout.max_model_len = data.max_prompt_length + data.max_response_length
+    actor.disable_kl = cfg.algorithm.disable_kl
+    actor.use_kl_loss = cfg.algorithm.use_kl_loss and not cfg.algorithm.disable_kl
+    actor.kl_penalty = cfg.algorithm.kl_penalty
+    actor.kl_coef = cfg.algorithm.kl_coef
+    actor.temperature = rollout.temperature
+    actor.latent_size = rollout.latent_size
+    if ref.monet_rl_sigma is None:
+        ref.monet_rl_sigma = actor.monet_rl_sigma
+    ref.micro_batch_size_per_device_for_experience = actor.micro_batch_size_per_device_for_experience
+    ref.padding_free = actor.padding_free
+    ref.latent_logprob_scale = actor.latent_logprob_scale
+    ref.temperature = rollout.temperature
+    ref.latent_size = rollout.latent_size
+    if actor.model.tokenizer_path is None:
+        actor.model.tokenizer_path = actor.model.model_path
+    _absolutize_paths(cfg)
+    cfg.trainer.run_dir = str(Path(cfg.trainer.save_dir) / cfg.trainer.experiment_name)
+    return cfg
+
+
+def _absolutize_paths(cfg: RootConfig) -> None:
+    """Ray workers may start elsewhere: data, model and output paths become absolute here."""
+    data = cfg.data
+    data.train_files = _abs_files(data.train_files)
+    data.val_files = _abs_files(data.val_files)
+    cfg.sft.train_files = _abs_files(cfg.sft.train_files)
+    data.image_dir = _abs(data.image_dir) if data.image_dir else ""
+    data.format_prompt = _abs(data.format_prompt, repo_fallback=True) if data.format_prompt else ""
+    model = cfg.worker.actor.model
+    model.model_path = _abs_if_local(model.model_path)
+    model.tokenizer_path = _abs_if_local(model.tokenizer_path)
+    cfg.trainer.save_dir = _abs(cfg.trainer.save_dir)
+    cfg.sft.output_dir = _abs(cfg.sft.output_dir) if cfg.sft.output_dir else ""
+    reward = cfg.worker.reward
+    path, sep, function = reward.reward_function.rpartition(":")
+    if sep and path.endswith(".py"):
+        reward.reward_function = f"{_abs(path, repo_fallback=True)}:{function}"
+
+
+def _abs(path: str, repo_fallback: bool = False) -> str:
+    """Absolute path; a relative path missing from the working directory may name a file bundled in the repo."""
+    expanded = Path(os.path.expanduser(path))
+    if not expanded.is_absolute() and repo_fallback and not expanded.exists() and (REPO_ROOT / expanded).exists():
+        return str(REPO_ROOT / expanded)
+    return str(expanded.resolve())
+
+
+def _abs_if_local(path: Optional[str]) -> Optional[str]:
+    """Hub ids (`Qwen/Qwen2.5-VL-7B-Instruct`) stay as they are; local paths become absolute."""
+    if not path:
+        return path
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith(".")
+    if looks_like_hub_id and not Path(path).exists():
+        return path
+    return _abs(path)
+
+
+def _abs_files(files: Any) -> Any:
+    if isinstance(files, str):
+        return _abs(files) if files else ""
+    if isinstance(files, (list, tuple)):
+        return [_abs(item) if isinstance(item, str) else item for item in files]
+    return files
+
+
+def total_training_steps(cfg: RootConfig, batches_per_epoch: int) -> int:
+    """`trainer.max_steps`, or every batch of every epoch when it is null."""
+    return cfg.trainer.max_steps or batches_per_epoch * cfg.trainer.total_epochs
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def to_yaml(cfg: RootConfig, redact: bool = True, path: Optional[str | Path] = None) -> str:
+    """The resolved config as YAML (derived fields included); secrets redacted; written to `path` if given."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    if redact:
+        container = redact_secrets(container)
+    text = OmegaConf.to_yaml(OmegaConf.create(container))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return text
+
+
+def is_secret_key(name: str) -> bool:
+    """Keys such as api_key, hf_token, client_secret, password (whole words, so tokenizer_path is no secret)."""
+    lowered = str(name).lower()
+    if lowered in NOT_SECRET:
+        return False
+    words = set(re.split(r"[^a-z0-9]+", lowered))
+    return bool(words & SECRET_WORDS) or any(word in lowered for word in ("secret", "password", "apikey"))
+
+
+def redact_secrets(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: ("***" if is_secret_key(key) and value not in (None, "") and not isinstance(value, dict)
+                      else redact_secrets(value)) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [redact_secrets(item) for item in tree]
+    return tree
+

@@ -1,0 +1,272 @@
+"""The config tree: typed dataclass sections with their defaults, the allowed choices, and secret-key names."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+from monet_models.latent_tokens import default_latent_size
+from RL.rewards.config import JudgeConfig, RewardConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+class ConfigError(ValueError):
+    """A configuration the system refuses to start with; the message names the dotted key(s)."""
+
+
+def derived(default: Any, source: str) -> Any:
+    """A field filled by `finalize` from the `source` key; users set the source key instead."""
+    return field(default=default, init=False, metadata={"derived_from": source})
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    train_files: Any = ""  # a file, a folder (its top-level data files) or a list; json/jsonl/parquet/save_to_disk
+    val_files: Any = ""  # same forms; "" = no validation set
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    image_dir: str = ""  # relative image paths resolve here; "" = the folder of the data file itself
+    max_prompt_length: int = 4096  # tokens after the chat template, image tokens included
+    max_response_length: int = 4096
+    rollout_batch_size: int = 64  # prompts per training step
+    val_batch_size: int = 512  # prompts; -1 = the whole validation set in one batch
+    format_prompt: str = "examples/format_prompt/monet_format.jinja"  # Jinja file with `content`; "" = none
+    shuffle: bool = True
+    seed: int = 1
+    min_pixels: int = 262144
+    max_pixels: int = 3136000
+    filter_overlong_prompts: bool = True
+    online_accum_size: int = 1024  # prompts per generation round of online difficulty sampling
+    train_max_samples: int = -1  # -1 = all rows; otherwise the first N valid rows (none dropped beyond N)
+    val_max_samples: int = -1
+    dataloader_num_workers: int = 0  # worker processes that run the image processor while the step runs
+
+
+# --------------------------------------------------------------------------------------------------------- actor
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning
+    alpha: int = 64
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    exclude_modules: Optional[str] = r".*visual.*"  # regex of modules never adapted
+
+
+@dataclass
+class ModelConfig:
+    model_path: str = ""  # a local Qwen2.5-VL folder (or a hub id already in the local cache)
+    tokenizer_path: Optional[str] = None  # None = model_path
+    override_config: dict[str, Any] = field(default_factory=dict)
+    enable_gradient_checkpointing: bool = True
+    freeze_vision_tower: bool = False
+    trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    strategy: str = "adamw"  # adamw | adamw_bf16
+    lr_warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+
+@dataclass
+class FSDPConfig:
+    torch_dtype: str = "bf16"  # fp32 | bf16: parameter dtype of the trained model
+    enable_full_shard: bool = True
+    enable_rank0_init: bool = True
+    fsdp_size: int = -1  # -1 = shard over all devices
+
+
+@dataclass
+class OffloadConfig:
+    offload_params: bool = False
+    offload_optimizer: bool = False
+
+
+@dataclass
+class ActorConfig:
+    global_batch_size: int = 16  # prompts per optimizer step (workers multiply by rollout.n)
+    micro_batch_size_per_device_for_update: int = 2  # samples
+    micro_batch_size_per_device_for_experience: int = 8  # samples, for log-prob passes
+    max_grad_norm: float = 1.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.3
+    clip_ratio_dual: float = 3.0
+    ppo_epochs: int = 1
+    loss_avg_mode: str = "token"  # token | seq
+    monet_rl_sigma: float = 10.0  # std of the latent Gaussian policy
+    latent_logprob_scale: str = "none"  # none | dim (divide the latent log-density by the hidden size)
+    padding_free: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    # derived from algorithm.* and worker.rollout.*
+    disable_kl: bool = derived(False, "algorithm.disable_kl")
+    use_kl_loss: bool = derived(True, "algorithm.use_kl_loss")
+    kl_penalty: str = derived("low_var_kl", "algorithm.kl_penalty")
+    kl_coef: float = derived(0.0, "algorithm.kl_coef")
+    temperature: float = derived(1.0, "worker.rollout.temperature")
+    latent_size: int = derived(0, "worker.rollout.latent_size")
+
+
+# ------------------------------------------------------------------------------------------------------- rollout
+@dataclass
+class MonetConfig:
+    latent_noise_std: float = 0.0  # exploration noise added to each recorded latent
+    select_acc_threshold: float = 0.6  # online difficulty sampling keeps groups with accuracy in (0, threshold]
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "auto"  # native | vllm | auto (vllm where installed with CUDA, else native)
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 0.99
+    top_k: int = -1
+    seed: int = 1
+    sampling_strategy: str = "monet"  # monet (latent blocks) | sample | greedy
+    latent_size: int = field(default_factory=default_latent_size)  # K; default from LATENT_SIZE, else 10
+    monet: MonetConfig = field(default_factory=MonetConfig)
+    online_difficulty_sampling: bool = False
+    dtype: str = "bf16"
+    gpu_memory_utilization: float = 0.6
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 16384
+    enable_chunked_prefill: bool = False
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    limit_images: int = 4  # max images per prompt for the engine; 0 = no limit
+    repetition_penalty: float = 1.0
+    disable_tqdm: bool = False
+    val_override_config: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1, "n": 1})
+    # derived from data.*
+    prompt_length: int = derived(0, "data.max_prompt_length")
+    response_length: int = derived(0, "data.max_response_length")
+    max_model_len: int = derived(0, "data.max_prompt_length + data.max_response_length")
+
+
+# ------------------------------------------------------------------------------------------- ref, placement, worker
+@dataclass
+class RefConfig:
+    monet_rl_sigma: Optional[float] = None  # None = worker.actor.monet_rl_sigma
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=lambda: OffloadConfig(offload_params=True))
+    # derived from worker.actor.* and worker.rollout.*
+    micro_batch_size_per_device_for_experience: int = derived(0, "worker.actor.micro_batch_size_per_device_for_experience")
+    padding_free: bool = derived(True, "worker.actor.padding_free")
+    latent_logprob_scale: str = derived("none", "worker.actor.latent_logprob_scale")
+    temperature: float = derived(1.0, "worker.rollout.temperature")
+    latent_size: int = derived(0, "worker.rollout.latent_size")
+
+
+@dataclass
+class PlacementConfig:
+    colocate: bool = True  # actor, rollout and ref share one process per device
+
+
+@dataclass
+class WorkerConfig:
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rule_based_judge: JudgeConfig = field(default_factory=JudgeConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+
+# ------------------------------------------------------------------------------------------ algorithm, trainer, sft
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus
+    disable_kl: bool = False  # true = no reference model, no KL at all
+    use_kl_loss: bool = True  # KL as a loss term (true) or as a reward penalty (false)
+    kl_penalty: str = "low_var_kl"  # kl | abs | mse | low_var_kl | full
+    kl_coef: float = 1e-2
+    kl_type: str = "fixed"  # fixed | adaptive
+    kl_target: float = 0.1
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    total_epochs: int = 1
+    max_steps: Optional[int] = None  # None = total_epochs x batches per epoch
+    project_name: str = "monet_rl"
+    experiment_name: str = "vlpo"  # the run name: runs/<experiment_name>/
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # console | jsonl | wandb | tensorboard
+    nnodes: int = 1
+    n_gpus_per_node: int = 8  # devices (CPU: processes) per node
+    max_try_make_batch: int = 20  # online difficulty sampling rounds before giving up; -1 = unlimited
+    val_freq: int = 5  # -1 = never
+    val_before_train: bool = True
+    val_only: bool = False
+    val_generations_to_log: int = 5
+    save_freq: int = 10  # -1 = only at the end
+    save_limit: int = 10  # checkpoints kept; -1 = all
+    save_dir: str = "runs"
+    resume: bool = True  # continue from the newest complete checkpoint of the run
+    seed: int = 1
+    # derived
+    run_dir: str = derived("", "trainer.save_dir / trainer.experiment_name")
+
+
+@dataclass
+class SFTConfig:
+    """Warm start for `python -m RL.sft` (teaches the answer format before RL)."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    seed: int = 0
+    train_files: Any = ""  # "" = data.train_files
+    output_dir: str = ""  # "" = <run_dir>/sft_model
+
+
+@dataclass
+class RootConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.nnodes * self.trainer.n_gpus_per_node
+
+
+CHOICES: dict[str, tuple] = {
+    "worker.actor.loss_avg_mode": ("token", "seq"),
+    "worker.actor.latent_logprob_scale": ("none", "dim"),
+    "worker.actor.optim.strategy": ("adamw", "adamw_bf16"),
+    "worker.actor.optim.lr_scheduler_type": ("constant", "cosine"),
+    "worker.actor.fsdp.torch_dtype": ("fp32", "bf16"),
+    "worker.ref.fsdp.torch_dtype": ("fp32", "bf16"),
+    "worker.rollout.name": ("native", "vllm", "auto"),
+    "worker.rollout.sampling_strategy": ("monet", "sample", "greedy"),
+    "worker.rollout.dtype": ("fp32", "bf16", "fp16"),
+    "algorithm.adv_estimator": ("grpo", "rloo", "reinforce_plus_plus"),
+    "algorithm.kl_penalty": ("kl", "abs", "mse", "low_var_kl", "full"),
+    "algorithm.kl_type": ("fixed", "adaptive"),
+}
+LOGGERS = ("console", "jsonl", "wandb", "tensorboard")
+VAL_OVERRIDABLE = ("n", "temperature", "top_p", "top_k", "seed", "sampling_strategy", "repetition_penalty")
+# data column names end in "_key" but hold no secret
+NOT_SECRET = frozenset({"prompt_key", "answer_key", "image_key"})
+SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"})
+

@@ -262,3 +262,21 @@ def _objects_equal(left: Any, right: Any) -> bool:
         return bool(left == right)
     except (ValueError, RuntimeError, TypeError):
         return False
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Stack 1-D rows of different lengths into (B, longest), padded on the left (prompts end where generation starts)."""
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.as_tensor(rows[0]).dtype)
+    for index, row in enumerate(rows):
+        out[index, width - len(row):] = row
+    return out
+
+
+def right_pad(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
+    """Stack 1-D rows into (B, width), padded (or cut) on the right (responses)."""
+    dtype = rows[0].dtype if rows else torch.long
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row[:width]
+    return out

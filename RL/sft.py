@@ -16,7 +16,7 @@ from tqdm import tqdm
 from RL.config import load_config
 from RL.data import RLPromptDataset
 from RL.latent_sft_loss import latent_sft_loss, sft_labels
-from RL.trainer.rollout_batch import left_pad
+from RL.protocol import left_pad
 from monet_models.transformers import load_latent_model
 
 ANSWER_TEMPLATE = "The answer is \\boxed{{{answer}}}."

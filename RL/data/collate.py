@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import torch
 
-from RL.protocol import Batch
+from RL.protocol import Batch, left_pad
 
 PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 PER_SAMPLE_KEYS = ("raw_prompt", "images", "question", "ground_truth", "row_id", "index", "extra")
@@ -19,11 +19,10 @@ class PromptCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        length = max(len(item["input_ids"]) for item in items)
         batch: dict[str, Any] = {}
         for key in PADDED_KEYS:
             fill = self.pad_token_id if key == "input_ids" else 0
-            batch[key] = torch.stack([_left_pad(item[key], length, fill) for item in items])
+            batch[key] = left_pad([item[key] for item in items], fill)
         batch["pixel_values"] = torch.cat([item["pixel_values"] for item in items])
         batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in items])
         batch["num_images"] = torch.tensor([len(item["image_grid_thw"]) for item in items])
@@ -31,12 +30,6 @@ class PromptCollator:
         for key in PER_SAMPLE_KEYS:
             batch[key] = [item[key] for item in items]
         return batch
-
-
-def _left_pad(values: torch.Tensor, length: int, fill: int) -> torch.Tensor:
-    padded = torch.full((length,), fill, dtype=values.dtype)
-    padded[length - len(values):] = values
-    return padded
 
 
 def to_batch(collated: dict[str, Any], meta: Optional[dict[str, Any]] = None) -> Batch:

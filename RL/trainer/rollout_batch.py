@@ -4,23 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from RL.protocol import Batch, object_array
-
-
-def left_pad(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
-    width = max(len(row) for row in rows)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for index, row in enumerate(rows):
-        out[index, width - len(row):] = row
-    return out
-
-
-def right_pad(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
-    dtype = rows[0].dtype if rows else torch.long
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for index, row in enumerate(rows):
-        out[index, : len(row)] = row[:width]
-    return out
+from RL.protocol import Batch, left_pad, object_array, right_pad
 
 
 def render_response(tokenizer, response_ids: torch.Tensor, tokens) -> str:

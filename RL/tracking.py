@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from tqdm import tqdm
+
 from RL.config import NOT_SECRET, is_secret_key as config_is_secret_key
 
 MASK = "***"
@@ -104,7 +106,7 @@ class Tracker:
             handle.flush()
         numbers = {key: value for key, value in row.items() if key != "step" and _is_number(value)}
         if "console" in self.loggers:
-            print(console_line(row), flush=True)
+            tqdm.write(console_line(row))  # above an active progress bar, not through it
         if self.wandb is not None:
             self.wandb.log(numbers, step=int(step))
         if self.writer is not None:

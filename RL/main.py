@@ -23,8 +23,10 @@ def build_trainer(config):
     to_yaml(config, redact=True, path=run_dir / "config.yaml")
     processor = load_processor(config.worker.actor.model.model_path)
     train_set, val_set = build_datasets(config.data, processor)
-    loader = build_loader(train_set, config.data, "train")
-    total_steps = total_training_steps(config, len(loader))
+    # With online difficulty sampling each generation round draws data.online_accum_size prompts (Monet's pool).
+    online = config.worker.rollout.online_difficulty_sampling
+    loader = build_loader(train_set, config.data, "train", batch_size=config.data.online_accum_size if online else None)
+    total_steps = total_training_steps(config, len(train_set) // config.data.rollout_batch_size)
 
     from RL.trainer.vlpo_trainer import VLPOTrainer  # imports Ray and the workers: after validation
 

@@ -178,3 +178,12 @@ def test_print_cli():
 
     with pytest.raises(SystemExit, match="worker.rollout.nn"):
         main(["--print", "worker.rollout.nn=3"])
+
+
+def test_online_accum_size_below_the_batch_is_refused():
+    from RL.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.online_accum_size, data.rollout_batch_size"):
+        load_config(["worker.actor.model.model_path=m", "data.train_files=t.jsonl",
+                     "worker.rollout.online_difficulty_sampling=true", "data.rollout_batch_size=64",
+                     "data.online_accum_size=16", "worker.actor.global_batch_size=16"])

@@ -130,7 +130,8 @@ def test_online_difficulty_sampling_keeps_mixed_groups_and_fails_clearly(sft_mod
 
     model, data, root = sft_model
     common = {"trainer.n_gpus_per_node": 1, "trainer.max_steps": 1, "trainer.save_freq": -1,
-              "worker.rollout.online_difficulty_sampling": True, "trainer.max_try_make_batch": 3}
+              "worker.rollout.online_difficulty_sampling": True, "trainer.max_try_make_batch": 3,
+              "data.online_accum_size": 6}
     _, metrics = train(overrides(root, data, model, "ods", **{
         **common, "worker.rollout.monet.select_acc_threshold": 0.5, "trainer.max_try_make_batch": 10}))
     assert 1 <= metrics[0]["rollout/difficulty_tries"] <= 10

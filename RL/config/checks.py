@@ -133,6 +133,9 @@ def _check_rollout(cfg: RootConfig) -> Iterator[str]:
         if rollout.n < 2:
             yield ("worker.rollout.online_difficulty_sampling, worker.rollout.n: accuracy in (0, threshold] needs "
                    f"at least 2 samples per prompt, got n={rollout.n}")
+        if cfg.data.online_accum_size < cfg.data.rollout_batch_size:
+            yield ("data.online_accum_size, data.rollout_batch_size: each generation round must offer at least a "
+                   f"batch of prompts ({cfg.data.online_accum_size} < {cfg.data.rollout_batch_size})")
 
 
 def _check_algorithm(cfg: RootConfig) -> Iterator[str]:

@@ -1,8 +1,8 @@
 """Making batches: prompts → rollouts on the workers → scored `Batch`, with online difficulty sampling.
 
-Online difficulty sampling (DESIGN.md) keeps generating groups with the current weights until
-`data.rollout_batch_size` groups have accuracy in (0, select_acc_threshold], and trains on them in the same step,
-so the update stays on-policy (Monet reused stored rollouts across steps). It gives up after
+Online difficulty sampling (DESIGN.md) keeps generating groups with the current weights, `data.online_accum_size`
+prompts per round, until `data.rollout_batch_size` groups have accuracy in (0, select_acc_threshold], and trains on
+them in the same step, so the update stays on-policy (Monet reused stored rollouts across steps). It gives up after
 `trainer.max_try_make_batch` tries with an error that says what was found.
 """
 from __future__ import annotations

@@ -80,7 +80,12 @@ def test_faults_give_right_verdict_or_none_and_cache_stops_repeats(provider, tmp
     elapsed = time.monotonic() - start
     assert [o.verdict for o in outcomes] == [expected for _, _, expected in CASES]
     assert elapsed >= 1.0  # the 429's Retry-After (1 s) was honoured before the successful retry
-    assert server.hits["slow"] == 3 and server.hits["500"] == 3 and server.hits["maybe"] == 3
+    assert server.hits["500"] == 3 and server.hits["maybe"] == 3  # every attempt answered, so every attempt counted
+    # A timed-out attempt may be cut before it reaches the server on a loaded machine: at most 3, never more.
+    settle_until = time.monotonic() + 5.0
+    while server.hits["slow"] < 3 and time.monotonic() < settle_until:
+        time.sleep(0.05)
+    assert 1 <= server.hits["slow"] <= 3
     assert server.hits["429once"] == 2 and server.hits["500once"] == 2 and server.unauthorized == 0
     metrics = judge.metrics(reset=True)
     assert metrics["judge/calls"] == len(CASES) and metrics["judge/cache_hits"] == 0

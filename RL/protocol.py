@@ -273,6 +273,13 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
     return out
 
 
+def left_pad_mask(lengths: list[int], width: int) -> torch.Tensor:
+    """(B, width) long mask of the real tokens of left-padded rows, by length rather than by id (a row may itself
+    contain the pad id, e.g. <|endoftext|>)."""
+    lengths = torch.as_tensor(lengths)
+    return (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+
+
 def right_pad(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
     """Stack 1-D rows into (B, width), padded (or cut) on the right (responses)."""
     dtype = rows[0].dtype if rows else torch.long

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from RL.config import load_config
 from RL.data import RLPromptDataset
 from RL.latent_sft_loss import latent_sft_loss, sft_labels
-from RL.protocol import left_pad
+from RL.protocol import left_pad, left_pad_mask
 from monet_models.transformers import load_latent_model
 
 ANSWER_TEMPLATE = "The answer is \\boxed{{{answer}}}."
@@ -33,7 +33,7 @@ def collate(items: list[dict], tokenizer, tokens, latent_size: int) -> dict:
     input_ids = left_pad(rows, tokens.pad_token)
     width = input_ids.shape[1]
     lengths = torch.tensor([len(row) for row in rows])
-    attention_mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+    attention_mask = left_pad_mask(lengths, width)
     prompt_ends = width - lengths + torch.tensor([len(item["input_ids"]) for item in items])
     pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
     grids = [item["image_grid_thw"] for item in items if item.get("image_grid_thw") is not None]

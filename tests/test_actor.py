@@ -66,12 +66,12 @@ def test_non_finite_gradient_skips_the_step_and_a_finite_one_updates(actor_and_b
     weights = lambda: {k: full_tensor(v.detach()).clone() for k, v in actor.module.named_parameters()}  # noqa: E731
     before = weights()
     batch.tensors["advantages"] = torch.full_like(batch.tensors["old_log_probs"], float("nan"))
-    metrics = actor.update(batch, mini_batch_size=len(batch))
+    metrics = actor.update(batch, mini_batch_size=len(batch), kl_coef=0.05)
     assert metrics["actor/skipped_steps"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in weights().items())
 
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None].expand_as(batch.tensors["old_log_probs"])
     batch.tensors["advantages"] = advantages.contiguous()
-    metrics = actor.update(batch, mini_batch_size=len(batch))
+    metrics = actor.update(batch, mini_batch_size=len(batch), kl_coef=0.05)
     assert "actor/skipped_steps" not in metrics and metrics["actor/grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in weights().items())

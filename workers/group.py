@@ -85,9 +85,6 @@ class WorkerGroup:
         """Run `method` on every rank with the same arguments; wait and return each rank's result."""
         return ray.get([getattr(worker, method).remote(*args, **kwargs) for worker in self.workers])
 
-    def call_async(self, method: str, *args, **kwargs) -> list:
-        return [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
-
     def dispatch(self, method: str, batch, *args, **kwargs) -> list:
         """Split `batch` into world_size equal shards (pad it first) and run `method` on each rank's shard."""
         shards = batch.chunk(self.world_size)

@@ -20,7 +20,7 @@ from workers.rollout.base import SamplingParams
 
 class PolicyWorker(DistributedWorker):
     def init_roles(self, config, roles: list[str], total_steps: int) -> None:
-        self.config, self.roles = config, set(roles)
+        self.config = config
         actor_cfg = config.worker.actor
         path = actor_cfg.model.model_path
         self.actor = FSDPPolicy(actor_cfg, path, trainable=True, total_steps=total_steps) if "actor" in roles else None
@@ -86,8 +86,8 @@ class PolicyWorker(DistributedWorker):
         return self.actor.compute_log_probs(batch, sigma, disable_adapter=True)
 
     @timed_work
-    def update_actor(self, batch, mini_batch_size: int) -> dict:
-        return self.actor.update(batch, mini_batch_size)
+    def update_actor(self, batch, mini_batch_size: int, kl_coef: float) -> dict:
+        return self.actor.update(batch, mini_batch_size, kl_coef)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self, folder: str, role: str = "actor") -> None:

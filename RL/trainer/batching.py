@@ -50,13 +50,18 @@ def rollout_metrics(batch: Batch, rewards: RewardResult) -> dict:
         diff = (batch.tensors["old_log_probs"] - batch.tensors["rollout_log_probs"]).abs() * text
         metrics["rollout/logprob_diff"] = float(diff.sum() / text.sum().clamp(min=1))
     if "accuracy" in rewards.components:
-        metrics["reward/accuracy"] = float(np.mean([a > 0 for a in rewards.components["accuracy"]]))
+        metrics["reward/accuracy"] = float(correct_answers(rewards).mean())
     return metrics
 
 
+def correct_answers(result: RewardResult) -> np.ndarray:
+    """1 where a sample's answer counts as correct: its `accuracy` component (else its overall reward) is > 0."""
+    return np.array([a > 0 for a in result.components.get("accuracy", result.overall)], dtype=float)
+
+
 class BatchMaker:
-    def __init__(self, config, tokenizer, policy, reward, loader, total_steps: int):
-        self.config, self.tokenizer, self.policy, self.reward = config, tokenizer, policy, reward
+    def __init__(self, config, tokenizer, rollout, reward, loader, total_steps: int):
+        self.config, self.tokenizer, self.rollout, self.reward = config, tokenizer, rollout, reward
         self.tokens = LatentTokens.from_tokenizer(tokenizer)
         self.response_length = config.data.max_response_length
         self.loader, self.total_steps = loader, total_steps
@@ -65,9 +70,9 @@ class BatchMaker:
     def generate(self, items: list[dict], params: SamplingParams, tag: str) -> Batch:
         for index, item in enumerate(items):
             item["uid"] = f"{tag}-{index}"
-        shards = np.array_split(np.arange(len(items)), self.policy.world_size)
+        shards = np.array_split(np.arange(len(items)), self.rollout.world_size)
         futures = [worker.generate.remote([self._prompt(items[i]) for i in shard], params)
-                   for worker, shard in zip(self.policy.workers, shards) if len(shard)]
+                   for worker, shard in zip(self.rollout.workers, shards) if len(shard)]
         samples = []
         for shard, result in zip([s for s in shards if len(s)], ray.get(futures)):
             for sample in result:
@@ -91,9 +96,8 @@ class BatchMaker:
             for i in range(len(batch))
         ]
 
-    def score_async(self, batch: Batch, step: int):
-        return self.reward.compute.remote(self.reward_inputs(batch), step=step,
-                                          total_steps=self.total_steps)
+    def score_async(self, inputs: list[RewardInput], step: int):
+        return self.reward.compute.remote(inputs, step=step, total_steps=self.total_steps)
 
     # ---- training batches ------------------------------------------------------------------------------------
     def make_training_batch(self, step: int):
@@ -101,7 +105,7 @@ class BatchMaker:
         if not rollout.online_difficulty_sampling:
             params = sampling_params(rollout, self.response_length, self._seed(step, 0))
             batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}")
-            return batch, self.score_async(batch, step), {}
+            return batch, self.score_async(self.reward_inputs(batch), step), {}
         return self._difficulty_sampled_batch(step)
 
     def _difficulty_sampled_batch(self, step: int):
@@ -111,8 +115,8 @@ class BatchMaker:
         for attempt in itertools.count() if tries < 0 else range(tries):
             params = sampling_params(rollout, self.response_length, self._seed(step, attempt))
             batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}t{attempt}")
-            result = ray.get(self.score_async(batch, step))
-            accuracy = group_accuracy(batch, result, rollout.n)
+            result = ray.get(self.score_async(self.reward_inputs(batch), step))
+            accuracy = correct_answers(result).reshape(-1, rollout.n).mean(-1)
             seen.extend(accuracy)
             keep = [g for g, acc in enumerate(accuracy) if 0 < acc <= rollout.monet.select_acc_threshold]
             rows = [g * rollout.n + k for g in keep for k in range(rollout.n)]
@@ -124,7 +128,7 @@ class BatchMaker:
         else:
             raise NoQualifyingGroupsError(
                 f"online difficulty sampling: only {sum(len(b) for b in kept) // rollout.n} of {want} groups had "
-                f"accuracy in (0, {rollout.monet.select_acc_threshold}] after {len(seen) and attempt + 1} tries "
+                f"accuracy in (0, {rollout.monet.select_acc_threshold}] after {attempt + 1} tries "
                 f"(trainer.max_try_make_batch); group accuracies seen: mean {np.mean(seen):.2f}. Lower "
                 "worker.rollout.monet.select_acc_threshold bounds or raise trainer.max_try_make_batch.")
         rows = torch.arange(want * rollout.n)
@@ -140,14 +144,14 @@ class BatchMaker:
     def validate(self, dataset, step: int, tracker) -> dict:
         rollout = self.config.worker.rollout
         size = self.config.data.val_batch_size if self.config.data.val_batch_size > 0 else len(dataset)
+        params = sampling_params(rollout, self.response_length, self._seed(0, 7), validation=True)
         accuracies, rewards, lengths, blocks, logged = [], [], [], [], []
         for start in range(0, len(dataset), size):
             items = [dict(dataset[i]) for i in range(start, min(len(dataset), start + size))]
-            params = sampling_params(rollout, self.response_length, self._seed(0, 7), validation=True)
             batch = self.generate(items, params, tag=f"val{step}-{start}")
             inputs = self.reward_inputs(batch)
-            result = ray.get(self.reward.compute.remote(inputs, step=step, total_steps=self.total_steps))
-            accuracies += [a > 0 for a in result.components.get("accuracy", result.overall)]
+            result = ray.get(self.score_async(inputs, step))
+            accuracies += list(correct_answers(result))
             rewards += result.overall
             lengths += [x.response_length for x in inputs]
             blocks += list(batch.non_tensors["num_blocks"])
@@ -156,11 +160,6 @@ class BatchMaker:
         tracker.log_generations(step, logged[: self.config.trainer.val_generations_to_log])
         return {"val/accuracy": float(np.mean(accuracies)), "val/reward": float(np.mean(rewards)),
                 "val/response_length": float(np.mean(lengths)), "val/latent_blocks": float(np.mean(blocks))}
-
-
-def group_accuracy(batch: Batch, result: RewardResult, n: int) -> list[float]:
-    correct = np.array([a > 0 for a in result.components.get("accuracy", result.overall)], dtype=float)
-    return list(correct.reshape(-1, n).mean(-1))
 
 
 def select_rewards(result: RewardResult, rows: list[int]) -> RewardResult:

@@ -7,7 +7,7 @@ from pathlib import Path
 import ray
 
 WORKER_ENV = {
-    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+    "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0", "NCCL_DEBUG": "WARN", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
 }
 
@@ -17,9 +17,8 @@ def init_ray(num_local_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env = {key: value for key, value in WORKER_ENV.items()}
-    env.update({key: os.environ[key] for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-                                                  "LATENT_SIZE", "WANDB_MODE") if key in os.environ})
+    forwarded = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "LATENT_SIZE", "WANDB_MODE")
+    env = {**WORKER_ENV, **{key: os.environ[key] for key in forwarded if key in os.environ}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from RL.protocol import Batch, left_pad, object_array, right_pad
+from RL.protocol import Batch, left_pad, left_pad_mask, object_array, right_pad
 
 
 def render_response(tokenizer, response_ids: torch.Tensor, tokens) -> str:
@@ -37,7 +37,8 @@ def build_rollout_batch(prompts: list[dict], samples: list, n: int, pad_id: int,
         "prompts": prompt_ids,
         "responses": responses,
         "input_ids": torch.cat([prompt_ids, responses], dim=1),
-        "attention_mask": torch.cat([_prompt_mask(owners, prompt_ids.shape[1]), valid], dim=1),
+        "attention_mask": torch.cat([left_pad_mask([len(p["input_ids"]) for p in owners], prompt_ids.shape[1]), valid],
+                                    dim=1),
         "response_mask": response_mask * valid,
         "rollout_log_probs": right_pad([s.token_log_probs for s in samples], response_length, 0.0).float(),
     }
@@ -54,9 +55,3 @@ def build_rollout_batch(prompts: list[dict], samples: list, n: int, pad_id: int,
         "extra": object_array(p.get("extra", {}) for p in owners),
     }
     return Batch(tensors, non_tensors)
-
-
-def _prompt_mask(owners: list[dict], width: int) -> torch.Tensor:
-    """Real prompt tokens by length, not by id (a prompt may itself contain the pad id, e.g. <|endoftext|>)."""
-    lengths = torch.tensor([len(p["input_ids"]) for p in owners])
-    return (torch.arange(width)[None] >= (width - lengths)[:, None]).long()

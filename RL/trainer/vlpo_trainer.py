@@ -14,7 +14,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from RL.algorithms import AdaptiveKLController, FixedKLController, compute_advantages
+from RL.algorithms import compute_advantages, make_kl_controller
 from RL.checkpoint import CheckpointManager, rng_state, set_rng_state
 from RL.protocol import Batch
 from RL.tracking import Tracker
@@ -52,8 +52,8 @@ class VLPOTrainer:
             config.worker.reward, config.worker.rule_based_judge, str(self.run_dir))
         self.batches = BatchMaker(config, processor.tokenizer, self.rollout, self.reward, train_loader, total_steps)
         algorithm = config.algorithm
-        self.kl_controller = (AdaptiveKLController(algorithm.kl_coef, algorithm.kl_target, algorithm.kl_horizon)
-                              if algorithm.kl_type == "adaptive" else FixedKLController(algorithm.kl_coef))
+        self.kl_controller = make_kl_controller(algorithm.kl_type, algorithm.kl_coef, algorithm.kl_target,
+                                                algorithm.kl_horizon)
         self.checkpoints = CheckpointManager(self.run_dir, trainer.save_limit)
         self.tracker = Tracker(self.run_dir, list(trainer.logger), trainer.project_name, trainer.experiment_name,
                                config_dict=OmegaConf.to_container(OmegaConf.structured(config)))
@@ -88,6 +88,7 @@ class VLPOTrainer:
 
     def train_step(self, step: int) -> dict:
         timing: dict = {}
+        kl_coef = self.kl_controller.value  # this step's coefficient; the controller moves after the update
         self._pop_busy_time()  # forget validation and start-up work
         with timed(timing, "step"):
             with timed(timing, "gen"):
@@ -102,7 +103,8 @@ class VLPOTrainer:
             with timed(timing, "adv"):
                 self._add_advantages(batch, rewards)
             with timed(timing, "update_actor"):
-                actor_metrics = self._mean_dicts(self.policy.dispatch("update_actor", batch, self._mini_batch_size()))
+                actor_metrics = self._mean_dicts(self.policy.dispatch(
+                    "update_actor", batch, self._mini_batch_size(), kl_coef))
             with timed(timing, "sync_weights"):
                 self.sync_rollout_weights()
         self.kl_controller.update(actor_metrics.get("actor/kl_loss", 0.0), 1)
@@ -111,7 +113,7 @@ class VLPOTrainer:
         timing["timing_s/driver_and_ray"] = timing["timing_s/step"] - busy
         tokens = float(batch.tensors["attention_mask"].sum())
         return {"step": step, **gen_metrics, **rewards.metrics, **rollout_metrics(batch, rewards), **actor_metrics,
-                **timing, "actor/kl_coef": self.kl_controller.value,
+                **timing, "actor/kl_coef": kl_coef,
                 "perf/throughput": tokens / timing["timing_s/step"] / self.world_size}
 
     # ---- pieces ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ advantages reach the latent steps as well as the text.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -16,7 +17,7 @@ from RL.algorithms import aggregate_loss, compute_kl, compute_policy_loss
 from monet_models.transformers import DTYPES, load_latent_model
 from workers.actor.lora import apply_lora
 from workers.actor.fsdp import all_reduce_sum, full_tensor, shard_model
-from workers.actor.model_inputs import model_inputs, position_log_probs
+from workers.actor.model_inputs import model_inputs, position_log_probs, unwrapped
 
 
 LOSS_MODES = {"token": "token-mean", "seq": "seq-mean-token-mean"}
@@ -62,7 +63,6 @@ class FSDPPolicy:
         mixed = compute_dtype if model.dtype != compute_dtype else None
         self.module = shard_model(model, param_dtype=mixed, reshard_after_forward=fsdp.enable_full_shard,
                                   offload_params=offload.offload_params)
-        self.trainable = trainable
         self.optimizer = self.scheduler = None
         if trainable:
             params = [p for p in self.module.parameters() if p.requires_grad]
@@ -84,29 +84,27 @@ class FSDPPolicy:
         """(B, R) log-likelihood of each response position; `disable_adapter` gives the LoRA base (reference)."""
         self.module.eval()
         micro_size = self.config.micro_batch_size_per_device_for_experience
-        outputs = []
-        for micro in batch.split(micro_size):
-            if disable_adapter:
-                with self.module.disable_adapter():
-                    outputs.append(self._response_log_probs(micro, sigma).float().cpu())
-            else:
-                outputs.append(self._response_log_probs(micro, sigma).float().cpu())
+        with self.module.disable_adapter() if disable_adapter else contextlib.nullcontext():
+            outputs = [self._response_log_probs(micro, sigma).float().cpu() for micro in batch.split(micro_size)]
         return torch.cat(outputs, dim=0)
 
     # ---- update ----------------------------------------------------------------------------------------------
-    def update(self, batch, mini_batch_size: int) -> dict:
-        """PPO epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation)."""
+    def update(self, batch, mini_batch_size: int, kl_coef: float) -> dict:
+        """PPO epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation).
+
+        `kl_coef` comes from the driver's KL controller (fixed or adaptive), not from the config.
+        """
         self.module.train()
         metrics = defaultdict(list)
         for _ in range(self.config.ppo_epochs):
             for mini in batch.split(mini_batch_size):
-                self._optimizer_step(mini, metrics)
+                self._optimizer_step(mini, metrics, kl_coef)
         self.scheduler.step()
         summary = {key: float(sum(values) / len(values)) for key, values in metrics.items()}
         summary["actor/lr"] = self.scheduler.get_last_lr()[0]
         return summary
 
-    def _optimizer_step(self, mini, metrics) -> None:
+    def _optimizer_step(self, mini, metrics, kl_coef: float) -> None:
         cfg = self.config
         world = dist.get_world_size()
         global_tokens = float(all_reduce_sum(mini.tensors["response_mask"].sum()))
@@ -123,7 +121,7 @@ class FSDPPolicy:
             pg_loss = aggregate_loss(pg_tokens, mask, mode, global_tokens)
             if cfg.use_kl_loss and "ref_log_probs" in micro.tensors.keys():
                 kl_tokens = compute_kl(log_probs, micro.tensors["ref_log_probs"].to(log_probs.device), cfg.kl_penalty)
-                loss_tokens = loss_tokens + cfg.kl_coef * kl_tokens
+                loss_tokens = loss_tokens + kl_coef * kl_tokens
                 sums["actor/kl_loss"] += float(aggregate_loss(kl_tokens.detach(), mask, mode, global_tokens))
             # FSDP averages gradients over ranks; scaling by the world size turns that into the global token mean.
             loss = aggregate_loss(loss_tokens, mask, mode, global_tokens) * world
@@ -180,7 +178,7 @@ class FSDPPolicy:
 
     def save_hf_files(self, folder: str) -> None:
         """config.json, generation config, processor (and adapter_config.json with LoRA) for merging later."""
-        base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+        base = unwrapped(self.module)
         base.config.save_pretrained(folder)
         base.generation_config.save_pretrained(folder)
         self.processor.save_pretrained(folder)

@@ -40,7 +40,7 @@ def position_log_probs(module, inputs: dict, temperature: float, sigma: float, s
         out = module(input_ids=ids, attention_mask=mask, **common)
         return sequence_log_probs(out.logits, out.hidden_states, ids, latents, pad_id, temperature, sigma,
                                   scale_by_dim)
-    positions, _ = _rope(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
+    positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
     packed_ids, packed_positions, keep = pack(ids, mask, positions)
     out = module(input_ids=packed_ids, position_ids=packed_positions, **common)
     values = sequence_log_probs(out.logits, out.hidden_states, packed_ids, latents, pad_id, temperature, sigma,
@@ -48,10 +48,10 @@ def position_log_probs(module, inputs: dict, temperature: float, sigma: float, s
     return unpack(values, keep)
 
 
-def _rope(module):
+def unwrapped(module):
     """The latent model under optional PEFT wrapping (FSDP keeps methods on the module itself)."""
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
 def _latent_pad_id(module) -> int:
-    return _rope(module).latent_tokens.pad
+    return unwrapped(module).latent_tokens.pad

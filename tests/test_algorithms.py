@@ -73,6 +73,16 @@ def test_reinforce_plus_plus_whitening_and_returns():
     assert torch.allclose(ret_kl[0, :4], torch.tensor([1 - 0.4, 1 - 0.3, 1 - 0.2, 1 - 0.1]))
 
 
+def test_reinforce_plus_plus_return_flows_through_forced_latent_end_tokens():
+    # response: text, <abs_vis_token>, 2 latents, forced </abs_vis_token> (mask 0), text, text; then padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0],
+                         [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    _, ret = compute_advantages("reinforce_plus_plus", torch.tensor([2.0, 1.0]), mask, None, gamma=1.0)
+    assert torch.equal(ret, torch.tensor([2.0, 1.0])[:, None] * mask)  # every decision gets the score, none 0
+    _, ret = compute_advantages("reinforce_plus_plus", torch.tensor([1.0, 1.0]), mask, None, gamma=0.5)
+    assert ret[0, 3].item() == pytest.approx(0.5 ** 3)  # discounting counts the forced position too
+
+
 def test_token_level_rewards_last_position():
     mask = _mask([3, 1, 0], 4)
     r = token_level_rewards(torch.tensor([2.0, 3.0, 4.0]), mask)
@@ -166,6 +176,40 @@ def test_other_kl_estimators_and_unknown():
     assert compute_kl(logp, ref, "mse").tolist() == [0.125, 2.0]
     with pytest.raises(ValueError, match="unknown KL estimator 'full'"):
         compute_kl(logp, ref, "full")
+
+
+def test_kl_full_is_refused_at_load():
+    from RL.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="algorithm.kl_penalty"):
+        load_config(["algorithm.kl_penalty=full"], require_inputs=False)
+
+
+def test_adaptive_controller_follows_easyr1_with_the_batch_size():
+    # EasyR1 updates with n_steps = samples in the batch: 100 steps of 512 samples at 10x the target -> x2.77
+    controller = make_kl_controller("adaptive", 0.01, target_kl=0.1, horizon=10000)
+    for _ in range(100):
+        controller.update(1.0, 512)
+    assert controller.value / 0.01 == pytest.approx((1 + 0.2 * 512 / 10000) ** 100, rel=1e-9)
+    assert controller.value / 0.01 == pytest.approx(2.77, abs=0.01)
+
+
+def test_latent_log_density_is_the_gaussian_log_density_and_gives_a_true_kl():
+    from monet_models.transformers import latent_log_density
+
+    torch.manual_seed(0)
+    mu, mu_ref, z = torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 16)
+    for sigma in (0.5, 3.0):
+        expected = torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1) + 16 * 0.5 * math.log(2 * math.pi)
+        assert torch.allclose(latent_log_density(z, mu, sigma), expected, atol=1e-4)
+        assert torch.allclose(latent_log_density(z, mu, sigma, scale_by_dim=True), expected / 16, atol=1e-5)
+    # E_z~π[log π − log π_ref] with different σ matches the analytic Gaussian KL
+    sigma, sigma_ref = 1.0, 2.0
+    samples = mu[0] + sigma * torch.randn(200_000, 16)
+    k1 = (latent_log_density(samples, mu[0], sigma) - latent_log_density(samples, mu_ref[0], sigma_ref)).mean()
+    analytic = torch.distributions.kl_divergence(torch.distributions.Normal(mu[0], sigma),
+                                                 torch.distributions.Normal(mu_ref[0], sigma_ref)).sum()
+    assert k1.item() == pytest.approx(analytic.item(), rel=0.02)
 
 
 def test_kl_controllers():

@@ -108,21 +108,28 @@ def rloo(scores, response_mask: torch.Tensor, group_ids, kl: Optional[torch.Tens
 @torch.no_grad()
 def reinforce_plus_plus(scores, response_mask: torch.Tensor, group_ids=None, gamma: float = 1.0,
                         kl: Optional[torch.Tensor] = None, kl_coef: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE++ (EasyR1/verl): G_t = r_t + γ·G_{t+1}, reset outside the mask, then whitened over the batch.
+    """REINFORCE++ (EasyR1/verl): G_t = r_t + γ·G_{t+1} over the response, then whitened over the batch.
 
     Token-level, so a per-token KL penalty in the reward (`kl`, `kl_coef`) shapes each position's return. The
     baseline is global (batch whitening over all masked tokens) rather than per group; `group_ids` is ignored.
+    The return flows through positions whose mask is 0 *inside* the response (a forced `</abs_vis_token>` is not
+    a policy decision but sits between decisions); only positions past the response's last decision are cut off.
     """
     rewards = token_level_rewards(scores, response_mask, kl, kl_coef)
     mask = response_mask.to(rewards.dtype)
+    inside = _up_to_last(mask)
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
+        running = (rewards[:, t] + gamma * running) * inside[:, t]
         returns[:, t] = running
-        running = running * mask[:, t]  # positions after the response must not leak into it
     advantages = masked_whiten(returns, response_mask) * mask
     return advantages, returns * mask
+
+
+def _up_to_last(mask: torch.Tensor) -> torch.Tensor:
+    """1 at every position up to and including each row's last masked position, 0 after it."""
+    return mask.flip(-1).cummax(-1).values.flip(-1)
 
 
 ADVANTAGE_ESTIMATORS: Dict[str, Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = {

@@ -150,9 +150,8 @@ def _check_algorithm(cfg: RootConfig) -> Iterator[str]:
         yield f"algorithm.kl_coef: must be >= 0, got {algorithm.kl_coef}"
     if algorithm.kl_type == "adaptive" and (algorithm.kl_target <= 0 or algorithm.kl_horizon <= 0):
         yield "algorithm.kl_target, algorithm.kl_horizon: the adaptive KL controller needs both > 0"
-    for key in ("gamma", "lam"):
-        if not 0 <= getattr(algorithm, key) <= 1:
-            yield f"algorithm.{key}: must be in [0, 1], got {getattr(algorithm, key)}"
+    if not 0 <= algorithm.gamma <= 1:
+        yield f"algorithm.gamma: must be in [0, 1], got {algorithm.gamma}"
 
 
 def _check_trainer(cfg: RootConfig) -> Iterator[str]:

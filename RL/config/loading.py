@@ -182,19 +182,11 @@ def derive(cfg: RootConfig) -> RootConfig:
     rollout.prompt_length = data.max_prompt_length
     rollout.response_length = data.max_response_length
     rollout.max_model_len = data.max_prompt_length + data.max_response_length
-    actor.disable_kl = cfg.algorithm.disable_kl
     actor.use_kl_loss = cfg.algorithm.use_kl_loss and not cfg.algorithm.disable_kl
     actor.kl_penalty = cfg.algorithm.kl_penalty
-    actor.kl_coef = cfg.algorithm.kl_coef
     actor.temperature = rollout.temperature
-    actor.latent_size = rollout.latent_size
     if ref.monet_rl_sigma is None:
         ref.monet_rl_sigma = actor.monet_rl_sigma
-    ref.micro_batch_size_per_device_for_experience = actor.micro_batch_size_per_device_for_experience
-    ref.padding_free = actor.padding_free
-    ref.latent_logprob_scale = actor.latent_logprob_scale
-    ref.temperature = rollout.temperature
-    ref.latent_size = rollout.latent_size
     if actor.model.tokenizer_path is None:
         actor.model.tokenizer_path = actor.model.model_path
     _absolutize_paths(cfg)

@@ -109,13 +109,10 @@ class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
-    # derived from algorithm.* and worker.rollout.*
-    disable_kl: bool = derived(False, "algorithm.disable_kl")
-    use_kl_loss: bool = derived(True, "algorithm.use_kl_loss")
+    # derived from algorithm.* and worker.rollout.* (the update reads them; the coefficient comes from the driver)
+    use_kl_loss: bool = derived(True, "algorithm.use_kl_loss and not algorithm.disable_kl")
     kl_penalty: str = derived("low_var_kl", "algorithm.kl_penalty")
-    kl_coef: float = derived(0.0, "algorithm.kl_coef")
     temperature: float = derived(1.0, "worker.rollout.temperature")
-    latent_size: int = derived(0, "worker.rollout.latent_size")
 
 
 # ------------------------------------------------------------------------------------------------------- rollout
@@ -157,15 +154,12 @@ class RolloutConfig:
 # ------------------------------------------------------------------------------------------- ref, placement, worker
 @dataclass
 class RefConfig:
+    """The frozen reference policy. It scores exactly the actor's inputs (same micro-batches, packing, temperature
+    and latent scale), so only its own σ and its FSDP/offload placement are settings of its own."""
+
     monet_rl_sigma: Optional[float] = None  # None = worker.actor.monet_rl_sigma
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     offload: OffloadConfig = field(default_factory=lambda: OffloadConfig(offload_params=True))
-    # derived from worker.actor.* and worker.rollout.*
-    micro_batch_size_per_device_for_experience: int = derived(0, "worker.actor.micro_batch_size_per_device_for_experience")
-    padding_free: bool = derived(True, "worker.actor.padding_free")
-    latent_logprob_scale: str = derived("none", "worker.actor.latent_logprob_scale")
-    temperature: float = derived(1.0, "worker.rollout.temperature")
-    latent_size: int = derived(0, "worker.rollout.latent_size")
 
 
 @dataclass
@@ -188,14 +182,13 @@ class WorkerConfig:
 class AlgorithmConfig:
     adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus
     disable_kl: bool = False  # true = no reference model, no KL at all
-    use_kl_loss: bool = True  # KL as a loss term (true) or as a reward penalty (false)
-    kl_penalty: str = "low_var_kl"  # kl | abs | mse | low_var_kl | full
-    kl_coef: float = 1e-2
-    kl_type: str = "fixed"  # fixed | adaptive
+    use_kl_loss: bool = True  # KL as a loss term (true) or as a per-token reward penalty (false, EasyR1's in-reward KL)
+    kl_penalty: str = "low_var_kl"  # kl | abs | mse | low_var_kl
+    kl_coef: float = 1e-2  # initial value for kl_type=adaptive
+    kl_type: str = "fixed"  # fixed | adaptive (Ziegler et al.; moves by the step's sample count / kl_horizon)
     kl_target: float = 0.1
     kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 1.0
+    gamma: float = 1.0  # REINFORCE++ discount
 
 
 @dataclass
@@ -261,7 +254,8 @@ CHOICES: dict[str, tuple] = {
     "worker.rollout.sampling_strategy": ("monet", "sample", "greedy"),
     "worker.rollout.dtype": ("fp32", "bf16", "fp16"),
     "algorithm.adv_estimator": ("grpo", "rloo", "reinforce_plus_plus"),
-    "algorithm.kl_penalty": ("kl", "abs", "mse", "low_var_kl", "full"),
+    # EasyR1's `full` needs both full vocabulary distributions in one pass; it is refused rather than half-done.
+    "algorithm.kl_penalty": ("kl", "abs", "mse", "low_var_kl"),
     "algorithm.kl_type": ("fixed", "adaptive"),
 }
 LOGGERS = ("console", "jsonl", "wandb", "tensorboard")

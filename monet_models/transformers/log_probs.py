@@ -1,10 +1,12 @@
-"""Per-position log-likelihoods of a sequence with text tokens and latent steps (DESIGN.md, VLPO objective).
+"""Per-position log-likelihoods of a sequence with text tokens and latent steps (docs/design.md, the VLPO objective).
 
 Both use the usual causal shift: the value for position p comes from the model's output at p-1. For a latent
 pad that output is the mean that produced z_p (not the position z_p is fed into), so the Gaussian is centred on
 the prediction of the step that generated it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,10 +18,16 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 
 
 def latent_log_density(latents: torch.Tensor, means: torch.Tensor, sigma: float, scale_by_dim: bool = False):
-    """−‖z − μ‖² / (2σ²) per latent (constants dropped), in fp32; optionally divided by the dimension."""
+    """log N(z; μ, σ²I) per latent up to the σ-free constant −(D/2)·log 2π, in fp32; optionally divided by D.
+
+    The −D·log σ term cancels in every ratio of two densities with the same σ, but the actor and the reference
+    may have different σ (`worker.ref.monet_rl_sigma`): without it their log-ratio, and so the latent KL, would not
+    be a KL at all.
+    """
     diff = latents.float() - means.float()
-    value = -(diff * diff).sum(-1) / (2.0 * sigma * sigma)
-    return value / diff.shape[-1] if scale_by_dim else value
+    dim = diff.shape[-1]
+    value = -(diff * diff).sum(-1) / (2.0 * sigma * sigma) - dim * math.log(sigma)
+    return value / dim if scale_by_dim else value
 
 
 def sequence_log_probs(

@@ -26,10 +26,10 @@ def test_defaults_load_with_derived_fields(monkeypatch):
     monkeypatch.delenv("LATENT_SIZE", raising=False)
     cfg = load()
     assert cfg.data.prompt_key == "problem" and cfg.algorithm.adv_estimator == "grpo"
-    assert cfg.worker.rollout.latent_size == 10 and cfg.worker.actor.latent_size == 10
+    assert cfg.worker.rollout.latent_size == 10 and cfg.worker.actor.temperature == cfg.worker.rollout.temperature
     assert cfg.worker.rollout.prompt_length == cfg.data.max_prompt_length
     assert cfg.worker.rollout.response_length == cfg.data.max_response_length
-    assert cfg.worker.actor.kl_coef == cfg.algorithm.kl_coef and cfg.worker.actor.use_kl_loss
+    assert cfg.worker.actor.kl_penalty == cfg.algorithm.kl_penalty and cfg.worker.actor.use_kl_loss
     assert cfg.worker.ref.monet_rl_sigma == cfg.worker.actor.monet_rl_sigma
     assert cfg.worker.actor.model.tokenizer_path == "/models/tiny"
     assert Path(cfg.data.train_files).is_absolute()
@@ -87,8 +87,8 @@ def load_error_for_files(value) -> str:
 
 
 def test_derived_keys_cannot_be_set():
-    message = refused("worker.actor.kl_coef=0.5")
-    assert "worker.actor.kl_coef" in message and "algorithm.kl_coef" in message
+    message = refused("worker.actor.kl_penalty=kl")
+    assert "worker.actor.kl_penalty" in message and "algorithm.kl_penalty" in message
 
 
 @pytest.mark.parametrize("overrides, keys", [
@@ -149,14 +149,15 @@ def test_redaction_in_written_yaml(tmp_path):
 
 
 def test_written_yaml_reloads_and_stated_derived_values_are_checked(tmp_path):
-    cfg = load("worker.rollout.n=4", "algorithm.kl_coef=0.05")
+    cfg = load("worker.rollout.n=4", "worker.rollout.temperature=0.7")
     path = tmp_path / "config.yaml"
     to_yaml(cfg, redact=False, path=path)
     again = load_config([f"config={path}"])
     assert to_yaml(again, redact=False) == path.read_text()
-    path.write_text(path.read_text().replace("kl_coef: 0.05\n    temperature", "kl_coef: 0.5\n    temperature"))
+    path.write_text(path.read_text().replace("kl_penalty: low_var_kl\n    temperature: 0.7",
+                                             "kl_penalty: low_var_kl\n    temperature: 0.5"))
     message = str(pytest.raises(ConfigError, load_config, [f"config={path}"]).value)
-    assert "worker.actor.kl_coef" in message and "algorithm.kl_coef" in message
+    assert "worker.actor.temperature" in message and "worker.rollout.temperature" in message
 
 
 @pytest.mark.parametrize("name", ["vlpo_monet.yaml", "vlpo_tiny_cpu.yaml"])

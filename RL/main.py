@@ -8,10 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from RL.config import load_config, to_yaml, total_training_steps
-from RL.data import build_datasets, build_loader
-from monet_models import load_processor
-from tools.judges import check_judge_credentials
+from RL.config import ConfigError, load_config, to_yaml, total_training_steps
+from tools.cli import run_cli
+from tools.judges import JudgeCredentialsError, check_judge_credentials
 
 
 def build_trainer(config):
@@ -21,6 +20,9 @@ def build_trainer(config):
     run_dir = Path(config.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     to_yaml(config, redact=True, path=run_dir / "config.yaml")
+    from monet_models import load_processor  # torch and transformers: only after the checks above
+    from RL.data import build_datasets, build_loader
+
     processor = load_processor(config.worker.actor.model.model_path)
     train_set, val_set = build_datasets(config.data, processor)
     # With online difficulty sampling each generation round draws data.online_accum_size prompts (Monet's pool).
@@ -34,7 +36,8 @@ def build_trainer(config):
 
 
 def main(argv: list[str] | None = None) -> None:
-    trainer = build_trainer(load_config(sys.argv[1:] if argv is None else argv))
+    config = load_config(sys.argv[1:] if argv is None else argv)  # refused in a second, before torch is imported
+    trainer = build_trainer(config)
     try:
         trainer.fit()
     finally:
@@ -42,4 +45,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ConfigError, JudgeCredentialsError)

@@ -10,14 +10,8 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from RL.config import load_config
-from RL.data import RLPromptDataset
-from RL.latent_sft_loss import latent_sft_loss, sft_labels
-from RL.protocol import left_pad, left_pad_mask
-from monet_models.transformers import load_latent_model
+from RL.config import ConfigError, load_config
+from tools.cli import run_cli
 
 ANSWER_TEMPLATE = "The answer is \\boxed{{{answer}}}."
 
@@ -28,6 +22,11 @@ def response_ids(tokenizer, tokens, answer: str, latent_size: int) -> list[int]:
 
 
 def collate(items: list[dict], tokenizer, tokens, latent_size: int) -> dict:
+    import torch  # here, not at the top: `python -m RL.sft` refuses a bad config before torch loads
+
+    from RL.latent_sft_loss import sft_labels
+    from RL.protocol import left_pad, left_pad_mask
+
     rows = [torch.cat([item["input_ids"], torch.tensor(response_ids(tokenizer, tokens, item["ground_truth"],
                                                                      latent_size))]) for item in items]
     input_ids = left_pad(rows, tokens.pad_token)
@@ -45,6 +44,13 @@ def collate(items: list[dict], tokenizer, tokens, latent_size: int) -> dict:
 
 
 def run_sft(config) -> Path:
+    import torch  # here, not at the top: `python -m RL.sft` refuses a bad config before torch loads
+    from tqdm import tqdm
+
+    from RL.data import RLPromptDataset
+    from RL.latent_sft_loss import latent_sft_loss
+    from monet_models.transformers import load_latent_model
+
     sft = config.sft
     torch.manual_seed(sft.seed)
     model, processor = load_latent_model(config.worker.actor.model.model_path, dtype="fp32")
@@ -77,4 +83,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ConfigError)

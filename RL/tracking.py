@@ -1,8 +1,9 @@
 """Metric logging for every trainer: metrics.jsonl (always), console, wandb and tensorboard when asked.
 
 metrics.jsonl is the source of truth (plots and tests read it); the other sinks are views of it. Everything that
-reaches a sink goes through `redact` first, and string values equal to a secret of the config are masked too, so an
-API key can not leak through a config dump or a logged generation.
+reaches a sink goes through `tools.secrets.redact` first: secret-named keys, the values of secret config keys and
+secret environment variables, and key-shaped strings are masked, so an API key can not leak through a config dump,
+a metric or a logged generation.
 """
 from __future__ import annotations
 
@@ -16,65 +17,11 @@ from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
 
-from RL.config import NOT_SECRET, is_secret_key as config_is_secret_key
+from tools.secrets import redact, secret_values  # the one home of the secret rules
 
-MASK = "***"
 CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "val/accuracy", "actor/pg_loss", "actor/kl_loss",
                 "rollout/latent_blocks", "timing_s/step")
 METRICS_FILE, GENERATIONS_FILE, WANDB_ID_FILE = "metrics.jsonl", "generations.jsonl", "wandb_run_id"
-
-
-# ---- redaction -------------------------------------------------------------------------------------------------
-def is_secret_key(name: Any) -> bool:
-    """api_key, hf_token, client_secret, password, accesstoken ... but not max_tokens, tokenizer_path, prompt_key.
-
-    The project's rule (RL.config, also used for config.yaml) plus run-together words ending in key/token.
-    """
-    if config_is_secret_key(str(name)):
-        return True
-    lowered = str(name).lower()
-    return lowered not in NOT_SECRET and any(
-        word.endswith(("key", "token")) for word in re.split(r"[^a-z0-9]+", lowered))
-
-
-def redact(obj: Any) -> Any:
-    """A copy of `obj` with the values of secret-looking keys (at any depth) replaced by "***"."""
-    if isinstance(obj, dict):
-        return {key: (MASK if is_secret_key(key) and value not in (None, "") else redact(value))
-                for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(item) for item in obj]
-    return obj
-
-
-def secret_values(obj: Any) -> set[str]:
-    """The string values of secret keys in `obj`, to be masked wherever they show up later."""
-    found: set[str] = set()
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if is_secret_key(key) and isinstance(value, str) and len(value) >= 8:
-                found.add(value)
-            else:
-                found |= secret_values(value)
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            found |= secret_values(item)
-    return found
-
-
-def _mask_strings(obj: Any, secrets: Iterable[str]) -> Any:
-    secrets = tuple(secrets)
-    if not secrets:
-        return obj
-    if isinstance(obj, str):
-        for secret in secrets:
-            obj = obj.replace(secret, MASK)
-        return obj
-    if isinstance(obj, dict):
-        return {key: _mask_strings(value, secrets) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_mask_strings(item, secrets) for item in obj]
-    return obj
 
 
 # ---- the tracker -----------------------------------------------------------------------------------------------
@@ -92,7 +39,7 @@ class Tracker:
         self.metrics_path = self.run_dir / METRICS_FILE
         self.generations_path = self.run_dir / GENERATIONS_FILE
         self._secrets = secret_values(config_dict or {})
-        self.config = self._clean(redact(config_dict or {}))
+        self.config = self._clean(config_dict or {})
         self.run_name = run_name or self.run_dir.name
         self.wandb = self._init_wandb(project) if "wandb" in self.loggers else None
         self.writer = self._init_tensorboard() if "tensorboard" in self.loggers else None
@@ -135,6 +82,11 @@ class Tracker:
         for path in (self.metrics_path, self.generations_path):
             dropped += _truncate_jsonl(path, int(step))
         return dropped
+
+    def last_step(self) -> int:
+        """The step of the last metrics line, -1 when there is none."""
+        rows = read_metrics(self.metrics_path)
+        return int(rows[-1]["step"]) if rows else -1
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -188,7 +140,7 @@ class Tracker:
         return writer
 
     def _clean(self, obj: Any) -> Any:
-        return _mask_strings(redact(obj), self._secrets)
+        return redact(obj, self._secrets)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------

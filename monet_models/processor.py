@@ -34,3 +34,6 @@ def load_processor(path: str):
     if isinstance(processor, PreTrainedTokenizerBase) or not hasattr(processor, "image_processor"):
         raise RuntimeError(f"{path}: AutoProcessor returned no image processor; is this a Qwen2.5-VL model folder?")
     return processor
+
+
+register_processor()  # importing this module is what makes AutoProcessor find the image-only processor

@@ -1,6 +1,8 @@
 """Config: defaults, precedence, refusals that name the key, derived fields, redaction."""
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -177,7 +179,7 @@ def test_print_cli():
     assert yaml.safe_load(result.stdout)["worker"]["rollout"]["n"] == 3
     from RL.config import main
 
-    with pytest.raises(SystemExit, match="worker.rollout.nn"):
+    with pytest.raises(ConfigError, match="worker.rollout.nn"):  # in-process callers get the error itself
         main(["--print", "worker.rollout.nn=3"])
 
 
@@ -188,3 +190,59 @@ def test_online_accum_size_below_the_batch_is_refused():
         load_config(["worker.actor.model.model_path=m", "data.train_files=t.jsonl",
                      "worker.rollout.online_difficulty_sampling=true", "data.rollout_batch_size=64",
                      "data.online_accum_size=16", "worker.actor.global_batch_size=16"])
+
+
+def float_keys(section: type = RootConfig, prefix: str = "") -> list[str]:
+    """Every user-settable float key (Optional[float] included) of the schema."""
+    keys = []
+    for item in dataclasses.fields(section):
+        hint = typing.get_type_hints(section)[item.name]
+        if dataclasses.is_dataclass(hint):
+            keys += float_keys(hint, f"{prefix}{item.name}.")
+        elif hint in (float, typing.Optional[float]) and "derived_from" not in item.metadata:
+            keys.append(prefix + item.name)
+    return keys
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_key_refuses_non_finite_values(value):
+    keys = float_keys()
+    assert {"worker.rollout.temperature", "worker.ref.monet_rl_sigma", "worker.actor.optim.lr"} <= set(keys)
+    for key in keys:
+        assert f"{key}: must be a finite number" in refused(f"{key}={value}"), key
+
+
+def test_non_finite_values_in_yaml_lists_and_dicts_are_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("worker:\n  actor:\n    optim:\n      betas: [0.9, .inf]\n"
+                    "  rollout:\n    val_override_config: {temperature: .nan, n: 1}\n")
+    message = refused(f"config={path}")
+    assert "worker.actor.optim.betas[1]: must be a finite number" in message
+    assert "worker.rollout.val_override_config.temperature: must be a finite number" in message
+
+
+def test_empty_value_is_empty_string_or_none():
+    """`key=` is what bash leaves of `key=''`: "" for plain fields, None for Optional ones."""
+    cfg = load("worker.rule_based_judge.api_name=", "data.val_files=", "data.format_prompt=",
+               "worker.ref.monet_rl_sigma=", "trainer.max_steps=", "worker.actor.model.tokenizer_path=")
+    assert cfg.worker.rule_based_judge.api_name == "" and cfg.data.val_files == "" and cfg.data.format_prompt == ""
+    assert cfg.trainer.max_steps is None
+    assert cfg.worker.ref.monet_rl_sigma == cfg.worker.actor.monet_rl_sigma  # None: the actor's
+    assert cfg.worker.actor.model.tokenizer_path == cfg.worker.actor.model.model_path  # None: the model's
+    assert "worker.rollout.n" in refused("worker.rollout.n=")  # a number can not be empty
+
+
+def test_secrets_never_reach_config_yaml_by_value_or_shape(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "ds-env-SECRET-value-4444")
+    monkeypatch.setenv("MY_GATEWAY_TOKEN", "gw-env-SECRET-value-5555")
+    cfg = load("worker.rule_based_judge.api_base_url=https://alice:url-SECRET-pw@gw.example/v1",
+               "worker.reward.reward_function_kwargs.note=ds-env-SECRET-value-4444",
+               "worker.reward.reward_function_kwargs.header=Bearer bearer-SECRET-0123456789",
+               "trainer.project_name=gw-env-SECRET-value-5555",
+               "worker.rule_based_judge.api_kwargs.extra=AIzaSyA-google-SECRET-0123456789")
+    text = to_yaml(cfg, redact=True, path=tmp_path / "config.yaml")
+    assert "SECRET" not in (tmp_path / "config.yaml").read_text() and "SECRET" not in text
+    written = yaml.safe_load(text)
+    assert written["worker"]["rule_based_judge"]["api_base_url"] == "https://***@gw.example/v1"
+    assert written["worker"]["reward"]["reward_function_kwargs"]["header"] == "Bearer ***"
+    assert written["data"]["prompt_key"] == "problem"

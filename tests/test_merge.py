@@ -52,7 +52,7 @@ def logits(model, processor):
 
 
 def load_merged(folder):
-    import monet_models  # noqa: F401  (registers the image-only processor for AutoProcessor)
+    import monet_models.processor  # noqa: F401  (registers the image-only processor for AutoProcessor)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()

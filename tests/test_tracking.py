@@ -89,6 +89,34 @@ def test_no_secret_reaches_any_file(tmp_path, capsys):
         assert secret.encode() not in written, f"{secret} leaked"
 
 
+def test_secrets_by_value_and_shape_reach_no_file(tmp_path, capsys, monkeypatch):
+    """Secrets under innocent names: an environment key in a generation, a URL password and a key-shaped string
+    in unrelated config keys, a bearer token in a metric."""
+    env_secrets = {"HF_TOKEN": "hf-env-SECRET-aaaa1111", "ACME_SERVICE_SECRET": "acme-env-SECRET-bbbb2222"}
+    for name, value in env_secrets.items():
+        monkeypatch.setenv(name, value)
+    config = {"judge": {"base_url": "https://bob:url-SECRET-pw@gw.example/v1"},
+              "notes": ["AIzaSyB-google-SECRET-0123456789", "sk-proj-SECRET-0123456789abcd"]}
+    loggers = ["console", "jsonl", "tensorboard"]
+    with Tracker(tmp_path, loggers, "proj", "run", config) as tracker:
+        tracker.log(1, {**step_metrics(1), "judge/last_header": "Bearer bearer-SECRET-0123456789"})
+        tracker.log_generations(1, [{"prompt": "env?", "response": f"HF says {env_secrets['HF_TOKEN']} and "
+                                                                    f"{env_secrets['ACME_SERVICE_SECRET']}"}])
+    written = _all_bytes(tmp_path) + capsys.readouterr().out.encode()
+    assert b"SECRET" not in written
+    assert b"gw.example" in next((tmp_path / "tensorboard").rglob("events.*")).read_bytes()  # the URL stays
+    assert "HF says *** and ***" in (tmp_path / "generations.jsonl").read_text()
+
+
+def test_one_home_for_secret_rules():
+    import RL.config
+    import tools.judges
+    import tools.secrets
+
+    assert redact is tools.secrets.redact and RL.config.redact_secrets is tools.secrets.redact
+    assert RL.config.is_secret_key is tools.secrets.is_secret_key and tools.judges.redact is tools.secrets.mask_text
+
+
 def test_tensorboard_event_file(tmp_path):
     tracker = Tracker(tmp_path, ["tensorboard"], "proj", "run", CONFIG)
     tracker.log(1, step_metrics(1))
@@ -135,14 +163,22 @@ def test_plot_metrics_writes_pngs(tmp_path, capsys):
     main([str(tmp_path)])
     printed = capsys.readouterr().out.split()
     names = sorted(path.split("/")[-1] for path in printed)
-    assert names == ["accuracy.png", "kl_loss.png", "latent_blocks.png", "overview.png", "response_length.png",
-                     "reward_mean.png"]
+    assert names == ["accuracy.png", "kl_loss.png", "latent_blocks.png", "overview.png", "pg_loss.png",
+                     "response_length.png", "reward_mean.png", "timing.png"]
     for name in names:
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_smoothed_line_follows_an_exponential_moving_average():
+    from tools.plot_metrics import smoothed
+
+    values = [0.0] * 10 + [1.0] * 10
+    line = smoothed(values)
+    assert line[:10] == [0.0] * 10 and 0 < line[10] < line[15] < line[-1] < 1.0
+    assert smoothed([2.0]) == [2.0]
 
 
 def test_plot_metrics_skips_missing(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n{"step": 2, "reward/mean": 0.7}\n')
     paths = plot_run(tmp_path)
-    assert [path.name for path in paths] == ["reward_mean.png", "overview.png"]
-    assert "no actor/kl_loss" in capsys.readouterr().err
+    assert [path.name for path in paths] == ["reward_mean.png", "overview.png"]  # panels without data are skipped

@@ -4,14 +4,13 @@
 
 Reads `RUN_STEP_DIR/<role>/model` (torch.distributed.checkpoint, any world size) and `RUN_STEP_DIR/<role>/huggingface`
 (config, generation config, processor, adapter_config.json with LoRA), and writes `RUN_STEP_DIR/huggingface/`,
-loadable with `AutoModelForImageTextToText` / `AutoProcessor` (after `import monet_models`) or by vLLM.
+loadable with `AutoModelForImageTextToText` / `AutoProcessor` (after `import monet_models.processor`) or by vLLM.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -76,7 +75,7 @@ def build_model(hf_dir: Path, state: dict[str, torch.Tensor]):
     The stock class of the config (Qwen2_5_VLForConditionalGeneration; the latent subclass adds no weights) is
     built, so config.json names an architecture that the Auto classes and vLLM know.
     """
-    import monet_models  # noqa: F401  (processor registration for AutoProcessor)
+    import monet_models.processor  # noqa: F401  (processor registration for AutoProcessor)
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(hf_dir)
@@ -183,20 +182,22 @@ def _save(model, hf_dir: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tools.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m tools.merge_model", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step_dir", help="a checkpoint folder such as runs/<run>/step_000050")
     parser.add_argument("--role", default="actor", help="actor (default), solver, proposer ...")
     parser.add_argument("--out", default=None, help="output folder (default STEP_DIR/huggingface)")
     parser.add_argument("--dtype", default="auto", help="auto (config.json's dtype), fp32, bf16 or fp16")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        out = merge_checkpoint(args.step_dir, args.role, args.out, args.dtype)
-    except MergeError as error:
-        sys.exit(f"error: {error}")
+    out = merge_checkpoint(args.step_dir, args.role, args.out, args.dtype)
     files = sorted(path.name for path in out.iterdir())
     print(json.dumps({"merged": str(out), "seconds": round(time.perf_counter() - start, 2), "files": files}))
 
 
 if __name__ == "__main__":
-    main()
+    from tools.cli import run_cli
+
+    run_cli(main, MergeError)

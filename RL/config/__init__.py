@@ -10,12 +10,13 @@ Fields declared with `init=False` are derived: they are filled in `finalize` (th
 schema.py holds the sections, loading.py the layering and derived fields, checks.py what is refused.
 """
 from RL.config.checks import get_dotted, problems
-from RL.config.loading import (derive, derived_keys, finalize, is_secret_key, load_config, redact_secrets, suggest_keys,
-                               to_yaml, total_training_steps)
-from RL.config.schema import (CHOICES, NOT_SECRET, ActorConfig, AlgorithmConfig, ConfigError, DataConfig, FSDPConfig,
+from RL.config.loading import (derive, derived_keys, finalize, load_config, redact_secrets, suggest_keys, to_yaml,
+                               total_training_steps)
+from RL.config.schema import (CHOICES, ActorConfig, AlgorithmConfig, ConfigError, DataConfig, FSDPConfig,
                               LoraConfig, ModelConfig, MonetConfig, OffloadConfig, OptimConfig, PlacementConfig,
                               RefConfig, RolloutConfig, RootConfig, SFTConfig, TrainerConfig, WorkerConfig)
 from RL.config.cli import main
+from tools.secrets import NOT_SECRET, is_secret_key  # the one home of the secret rules
 
 __all__ = ["ConfigError", "RootConfig", "DataConfig", "WorkerConfig", "ActorConfig", "ModelConfig", "LoraConfig",
            "OptimConfig", "FSDPConfig", "OffloadConfig", "RolloutConfig", "MonetConfig", "RefConfig", "PlacementConfig",

@@ -1,6 +1,8 @@
 """Every refused combination, as messages that lead with the dotted key(s)."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -9,6 +11,7 @@ from RL.config.schema import CHOICES, LOGGERS, VAL_OVERRIDABLE, ActorConfig, Dat
 
 def problems(cfg: RootConfig, require_inputs: bool) -> Iterator[str]:
     """Every refused combination, as messages that lead with the dotted key(s)."""
+    yield from _check_finite(cfg)
     yield from _check_choices(cfg)
     yield from _check_data(cfg.data, require_inputs)
     yield from _check_actor(cfg)
@@ -23,6 +26,23 @@ def get_dotted(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def _check_finite(value: Any, key: str = "") -> Iterator[str]:
+    """NaN and inf in any float, at any depth: NaN passes every `x <= 0` test, inf every upper bound, and both
+    only fail much later, far from the key. Derived fields are skipped (their source key is reported)."""
+    if dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            if "derived_from" not in item.metadata:
+                yield from _check_finite(getattr(value, item.name), f"{key}.{item.name}".lstrip("."))
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from _check_finite(item, f"{key}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _check_finite(item, f"{key}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield f"{key}: must be a finite number, got {value}"
 
 
 def _check_choices(cfg: RootConfig) -> Iterator[str]:

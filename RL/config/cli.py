@@ -1,18 +1,25 @@
 """`python -m RL.config --print [config=path.yaml] [dotted.key=value ...]`: the resolved reference."""
-import sys
 from typing import Optional
 
 from RL.config.loading import load_config, to_yaml
 from RL.config.schema import ConfigError
+from tools.cli import UsageError, run_cli
+
+USAGE = "usage: python -m RL.config --print [config=path.yaml] [dotted.key=value ...]"
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] != "--print":
-        print("usage: python -m RL.config --print [config=path.yaml] [dotted.key=value ...]")
+    """Print the reference for `argv`; without `argv` (the command line) a mistake is one `error:` line, exit 2."""
+    if argv is None:
+        run_cli(print_reference, ConfigError)
+    print_reference(argv)
+
+
+def print_reference(argv: list[str]) -> None:
+    """The resolved config (secrets redacted); raises ConfigError or UsageError."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
         return
-    try:
-        cfg = load_config(argv[1:], require_inputs=False)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    print(to_yaml(cfg, redact=True), end="")
+    if argv[0] != "--print":
+        raise UsageError(f"unknown option {argv[0]!r}; {USAGE}")
+    print(to_yaml(load_config(argv[1:], require_inputs=False), redact=True), end="")

@@ -6,13 +6,14 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, get_args, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from RL.config.checks import get_dotted, problems
-from RL.config.schema import NOT_SECRET, REPO_ROOT, SECRET_WORDS, ConfigError, RootConfig
+from RL.config.schema import REPO_ROOT, ConfigError, RootConfig
+from tools.secrets import redact as redact_secrets  # the one home of the secret rules
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -67,10 +68,24 @@ def _load_yaml(path: Path):
 
 
 def _parse_dotlist(overrides: list[str]):
+    """`key=` (what bash leaves of `key=''`) means "" for plain fields and None for Optional ones; OmegaConf alone
+    reads it as None, which a str field refuses and a path field (`data.val_files`) takes for no value at all."""
+    overrides = [f"{item}''" if item.endswith("=") and not _declared_optional(item[:-1]) else item
+                 for item in overrides]
     try:
         return OmegaConf.from_dotlist(overrides)
     except OmegaConfBaseException as error:
         raise ConfigError(f"command line: cannot parse overrides {overrides}: {error}") from None
+
+
+def _declared_optional(key: str) -> bool:
+    """Whether the schema declares dotted `key` as Optional[...]; keys inside dict fields are not."""
+    section: Any = RootConfig
+    *parents, leaf = key.split(".")
+    for name in parents:
+        section = get_type_hints(section).get(name) if dataclasses.is_dataclass(section) else None
+    hint = get_type_hints(section).get(leaf) if dataclasses.is_dataclass(section) else None
+    return type(None) in get_args(hint)
 
 
 def _merge(base, layer, source: str):
@@ -255,22 +270,3 @@ def to_yaml(cfg: RootConfig, redact: bool = True, path: Optional[str | Path] = N
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     return text
-
-
-def is_secret_key(name: str) -> bool:
-    """Keys such as api_key, hf_token, client_secret, password (whole words, so tokenizer_path is no secret)."""
-    lowered = str(name).lower()
-    if lowered in NOT_SECRET:
-        return False
-    words = set(re.split(r"[^a-z0-9]+", lowered))
-    return bool(words & SECRET_WORDS) or any(word in lowered for word in ("secret", "password", "apikey"))
-
-
-def redact_secrets(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {key: ("***" if is_secret_key(key) and value not in (None, "") and not isinstance(value, dict)
-                      else redact_secrets(value)) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [redact_secrets(item) for item in tree]
-    return tree
-

@@ -1,15 +1,17 @@
 """Which provider an ``api_name`` selects, which environment variable holds its key, and start-up checks.
 
 Keys are read from the environment at the moment a client is built and are never stored on our objects, so they
-cannot leak through reprs, pickles, logs or the cache. ``redact`` scrubs them from any text we log or raise.
+cannot leak through reprs, pickles, logs or the cache. ``redact`` (``tools.secrets.mask_text``) scrubs them, and
+any other secret, from text we log or raise.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+from tools.secrets import mask_text as redact  # noqa: F401  (re-exported; tools.secrets is the one home)
+
 DEEPSEEK_BASE_URL = "https://api.deepseek.com"
-KEY_VARIABLES = ("GOOGLE_API_KEY", "DEEPSEEK_API_KEY", "OPENAI_API_KEY")
 
 
 class JudgeCredentialsError(RuntimeError):
@@ -44,12 +46,3 @@ def check_judge_credentials(judge_config) -> None:
             f"worker.rule_based_judge.api_name={api_name!r} needs the environment variable {spec.key_var}, which is "
             f"not set; export it (or set worker.rule_based_judge.api_name='' to judge by rules only)")
 
-
-def redact(text: str) -> str:
-    """Replace every known API key value in ``text`` with ``***``."""
-    text = str(text)
-    for var in KEY_VARIABLES:
-        value = os.environ.get(var)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text

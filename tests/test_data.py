@@ -13,6 +13,8 @@ from PIL import Image
 from monet_models.processor import load_processor
 from RL.config import load_config
 from RL.data import ImagePool, RLPromptDataset, StatefulPromptLoader, build_loader, to_batch, vision_inputs
+from RL.data.images import CorruptImageError, ImageTooLargeError, decode_image
+from tests.thyme_data import FORMS, bomb_png, noisy_image, write_thyme_parquet
 
 OPTIONS = dict(min_pixels=3136, max_pixels=12544, max_prompt_length=256)
 
@@ -58,7 +60,7 @@ def test_bad_rows_are_skipped_counted_and_warned_once(tmp_path, toy_data_dir, pr
         row(2, [str(corrupt)], id="bad-corrupt"),
         row(3, [str(truncated)], id="bad-truncated"),
         row(4, good[0]["images"], problem="<image><image>Two markers, one image?", id="bad-count"),
-        row(5, good[0]["images"], problem="No marker but an image", id="bad-count2"),
+        row(5, good[0]["images"] * 2, problem="<image>One marker, two images", id="bad-count2"),
         {"id": "bad-key", "problem": "<image>Where is the answer?", "images": good[0]["images"]},
         row(6, good[0]["images"], problem="<image>" + "word " * 400, id="bad-long"),
     ]
@@ -71,9 +73,114 @@ def test_bad_rows_are_skipped_counted_and_warned_once(tmp_path, toy_data_dir, pr
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
-    for row_id in ("bad-missing", "bad-corrupt", "bad-truncated", "bad-count", "bad-key", "bad-long"):
+    for row_id in ("bad-missing", "bad-corrupt", "bad-truncated", "bad-count2", "bad-key", "bad-long"):
         assert row_id in message
+    assert "image_count_mismatch 2 (e.g. bad-count: 2 markers, 1 images; also bad-count2)" in message
+    assert "missing_key 1 (e.g. bad-key: answer)" in message
     assert [dataset[i]["row_id"] for i in range(4)] == [item["id"] for item in good]
+
+
+# ------------------------------------------------------------------------------------------- Thyme-RL form
+THYME = dict(prompt_key="question", answer_key="solution", **OPTIONS)
+MONET_FORMAT = str(Path(__file__).resolve().parent.parent / "examples/format_prompt/monet_format.jinja")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_thyme_parquet_loads_good_rows_and_names_each_bad_row(form, tmp_path, processor, caplog):
+    thyme = write_thyme_parquet(tmp_path / "thyme.parquet", form)
+    with caplog.at_level(logging.WARNING, logger="RL.data.rl_dataset"):
+        dataset = RLPromptDataset(str(thyme.path), processor, image_key=thyme.image_key, format_prompt=MONET_FORMAT,
+                                  **THYME)
+    assert len(dataset) == thyme.good and dataset.markers_added == thyme.good
+    assert dataset.skipped == {reason: 1 for reason in thyme.bad}
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2 and all(len(message) < 1500 for message in messages)  # no base64 in the log
+    assert f"{thyme.good} rows had images but no <image> marker" in messages[0]
+    for reason, index in thyme.bad.items():
+        assert f"{reason} 1 (e.g. thyme.parquet#{index}: " in messages[1]
+    item = dataset[1]
+    assert item["question"].startswith("What colour") and item["ground_truth"] == "green"
+    assert "<|vision_start|><|image_pad|><|vision_end|>What colour" in item["raw_prompt"]
+    assert "put the final answer in \\boxed{}" in item["raw_prompt"]
+    assert image_token_count(item["input_ids"], processor) == int(item["image_grid_thw"].prod()) // 4
+    assert len(item["input_ids"]) == dataset.prompt_lengths[1]
+
+
+def test_thyme_columns_are_named_when_the_keys_do_not_match(tmp_path, processor):
+    thyme = write_thyme_parquet(tmp_path / "thyme.parquet", "base64", good=2, with_bad=False)
+    with pytest.raises(ValueError, match=r"no column 'problem' \(data.prompt_key\).*question"):
+        RLPromptDataset(str(thyme.path), processor, **OPTIONS)
+    with pytest.raises(ValueError, match="set data.image_key=image"):
+        RLPromptDataset(str(thyme.path), processor, **{**THYME, "image_key": "images"})
+
+
+def test_long_strings_are_base64_never_paths_and_errors_stay_short(tmp_path, processor):
+    jpeg = noisy_image("red", 0)
+    wrapped = base64.encodebytes(jpeg).decode()  # MIME style: a newline every 76 characters
+    assert decode_image(wrapped).size == (160, 160)
+    assert decode_image(base64.urlsafe_b64encode(jpeg).decode()).size == (160, 160)
+    assert decode_image("data:image/jpeg;base64," + base64.b64encode(jpeg).decode()).size == (160, 160)
+    assert decode_image(base64.b64encode(jpeg)).size == (160, 160)  # base64 text in a binary column
+    for garbage in ("/" + "A" * 300 + "!" * 200_000, "x" * 200_000, "data:image/png;base64," + "%" * 5000):
+        with pytest.raises(CorruptImageError) as error:
+            decode_image(garbage, tmp_path)
+        assert len(str(error.value)) < 200
+    rows = [{"question": "Colour?", "solution": "red", "image": "@" * 180_000},
+            {"question": "Colour?", "solution": "red", "image": base64.b64encode(jpeg).decode()}]
+    dataset = RLPromptDataset(str(write_jsonl(tmp_path / "rows.jsonl", rows)), processor, image_key="image", **THYME)
+    assert len(dataset) == 1 and dataset.skipped == {"corrupt_image": 1}
+
+
+def test_null_image_is_missing_and_blank_question_is_empty(tmp_path, toy_data_dir, processor):
+    good = toy_rows(toy_data_dir, 2)
+    rows = good + [dict(good[0], id="null-image", images=None, problem="What colour is the shape?"),
+                   dict(good[0], id="blank", problem=" \n "),
+                   dict(good[0], id="no-images", images=[], problem="A question without any image?")]
+    dataset = RLPromptDataset(str(write_jsonl(tmp_path / "rows.jsonl", rows)), processor, image_dir=toy_data_dir,
+                              **OPTIONS)
+    assert dataset.skipped == {"missing_image": 1, "empty_prompt": 1}
+    assert [dataset[i]["row_id"] for i in range(len(dataset))] == [good[0]["id"], good[1]["id"], "no-images"]
+    assert dataset[2]["images"] == []  # an explicit empty list is a text-only prompt, null is a missing image
+
+
+def test_image_pixel_cap_and_decompression_bomb(tmp_path, processor):
+    with pytest.raises(ImageTooLargeError):
+        decode_image(bomb_png())
+    with pytest.raises(ImageTooLargeError, match="cap 5000"):
+        decode_image(png_bytes((100, 100)), max_pixels=5000)
+    rows = [row(0, [png_bytes((100, 100))]), row(1, [png_bytes((60, 60))]), row(2, [bomb_png()])]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "sizes.parquet"))
+    dataset = RLPromptDataset(str(tmp_path / "sizes.parquet"), processor, max_image_pixels=5000, **OPTIONS)
+    assert len(dataset) == 1 and dataset.skipped == {"image_too_large": 2}
+
+
+def test_non_utf8_lines_are_bad_encoding_and_good_rows_stay(tmp_path, toy_data_dir, processor, caplog):
+    lines = [json.dumps(item).encode() for item in toy_rows(toy_data_dir, 3)]
+    lines.insert(1, json.dumps(row(7, [], problem="Caf\u00e9?")).encode().replace(b"Caf\\u00e9", b"Caf\xe9"))
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="RL.data.rl_dataset"):
+        dataset = RLPromptDataset(str(path), processor, image_dir=toy_data_dir, **OPTIONS)
+    assert len(dataset) == 3 and dataset.skipped == {"bad_encoding": 1}
+    assert "bad_encoding 1 (e.g. latin1.jsonl line 2: not UTF-8 (byte 0xe9 at column" in caplog.text
+    array = tmp_path / "array.json"
+    array.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")  # one row per line: still one line per bad row
+    assert len(RLPromptDataset(str(array), processor, image_dir=toy_data_dir, **OPTIONS)) == 3
+    array.write_bytes(b"[" + b", ".join(lines) + b"]")  # all on one line: nothing left to read
+    with pytest.raises(ValueError, match="array.json line 1 is not UTF-8"):
+        RLPromptDataset(str(array), processor, image_dir=toy_data_dir, **OPTIONS)
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n"), ("empty.json", b""),
+                                           ("empty.parquet", b""), ("no_rows.parquet", None)])
+def test_empty_file_is_refused_by_name(name, content, tmp_path, processor):
+    path = tmp_path / name
+    if content is None:
+        datasets.Dataset.from_dict({"problem": [], "answer": []}).to_parquet(str(path))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{name}: empty file"):
+        RLPromptDataset(str(path), processor, **OPTIONS)
 
 
 def test_overlong_kept_when_filter_off(tmp_path, toy_data_dir, processor):

@@ -8,7 +8,10 @@ import json
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,10 +150,38 @@ def test_vlpo_reward_uses_api_only_for_rule_negatives(provider, tmp_path, caplog
     result = manager.compute(samples)
     assert result.overall == pytest.approx([1.0, 1.0, 0.1, 0.1])  # API rescued #2; #4's failure kept the rule 0
     assert result.components["api_judged"] == [0.0, 1.0, 1.0, 0.0]
+    assert result.components["api_no_verdict"] == [0.0, 0.0, 0.0, 1.0]  # the failure is recorded, not a verdict
     assert server.hits["none"] == 2 and server.hits["500"] == 3  # the rule positive never reached the API
     assert result.metrics["judge/calls"] == 3 and result.metrics["judge/no_verdict_rate"] == pytest.approx(1 / 3)
     assert result.metrics["reward/accuracy"] == 0.5
     assert_no_secret(caplog.text, repr(manager), str(pickle.dumps(manager)))
+
+
+UNEXTRACTABLE = [  # no \\boxed{} and no "... is X": the rules find no answer
+    RewardInput("What color is the car?", "<latent×4> I looked closely: the car looks dark red to me", "red"),
+    RewardInput("What color is the car?", "<abs_vis_token><latent×4></abs_vis_token> I cannot tell the color", "red"),
+    RewardInput("What color is the car? [fault:500]", "It looks red", "red"),
+]
+
+
+def test_unextractable_responses_go_to_the_judge_and_record_what_decided(provider):
+    name, _var, server, base = provider
+    result = RewardManager(RewardConfig(), config(name, base)).compute(UNEXTRACTABLE)
+    assert result.components["unextractable"] == [1.0, 1.0, 1.0]
+    assert result.components["verdict"] == [1.0, 0.0, 0.0]  # the judge found the unboxed "red"
+    assert result.components["api_judged"] == [1.0, 1.0, 0.0]
+    assert result.components["api_no_verdict"] == [0.0, 0.0, 1.0]  # the API failure stays "no verdict"
+    assert server.hits["none"] == 2 and server.hits["500"] == 3
+
+
+def test_skip_unextractable_keeps_monets_no_call_rule(provider):
+    name, _var, server, base = provider
+    result = RewardManager(RewardConfig(), config(name, base, skip_unextractable=True)).compute(
+        UNEXTRACTABLE + [RewardInput("What color is the car?", r"\boxed{dark red}", "red")])
+    assert result.components["verdict"] == [0.0, 0.0, 0.0, 1.0]
+    assert result.components["api_judged"] == [0.0, 0.0, 0.0, 1.0]  # only the boxed answer was asked
+    assert result.components["api_no_verdict"] == [0.0] * 4
+    assert server.total_hits() == 1
 
 
 def test_repetition_penalty_in_vlpo_reward(provider):
@@ -208,7 +239,8 @@ def test_cli_rejudges_rows(provider, tmp_path, capsys):
     rows = [{"question": "Color?", "response": r"\boxed{red}", "ground_truth": "red", "id": 1},
             {"question": "Color?", "response": r"\boxed{dark red}", "ground_truth": "red", "id": 2},
             {"question": "Color?", "response": r"\boxed{blue}", "ground_truth": "red", "id": 3},
-            {"question": "Color? [fault:truncated]", "response": r"\boxed{crimson}", "ground_truth": "red", "id": 4}]
+            {"question": "Color? [fault:truncated]", "response": r"\boxed{crimson}", "ground_truth": "red", "id": 4},
+            {"question": "Color?", "response": "<latent×2> the car looks red to me", "ground_truth": "red", "id": 5}]
     src, dst = tmp_path / "rows.jsonl", tmp_path / "out" / "judged.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--api-name", name, "--base-url", base, "--input", str(src), "--output", str(dst), "--timeout", "0.5",
@@ -216,11 +248,12 @@ def test_cli_rejudges_rows(provider, tmp_path, capsys):
     assert main(args) == 0
     out = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [(r["id"], r["verdict"], r["source"]) for r in out] == [(1, 1, "rule"), (2, 1, "api"), (3, 0, "api"),
-                                                                  (4, None, "api")]
+                                                                  (4, None, "api"), (5, 1, "api")]
     assert main(args) == 0  # second run: the answered rows come from the cache
-    assert [r["source"] for r in map(json.loads, dst.read_text().splitlines())] == ["rule", "cache", "cache", "api"]
+    assert [r["source"] for r in map(json.loads, dst.read_text().splitlines())] == ["rule", "cache", "cache", "api",
+                                                                                   "cache"]
     captured = capsys.readouterr()
-    assert "judged 4 rows" in captured.out and "cache hits 2" in captured.out
+    assert "judged 5 rows" in captured.out and "cache hits 3" in captured.out
     assert_no_secret(captured.out, captured.err, dst.read_text())
 
 
@@ -240,3 +273,24 @@ def test_deepseek_uses_its_own_key():
     with env(**KEYS), LocalJudgeServer(key=KEYS["DEEPSEEK_API_KEY"]) as server:
         judge = ApiJudge(config("deepseek-chat", server.base_url + "/v1"))
         assert judge.judge_one("Color?", "red", "red").verdict == 1 and server.unauthorized == 0
+
+
+GOOD_ROW = b'{"question": "Q", "response": "r", "ground_truth": "g"}\n'
+
+
+@pytest.mark.parametrize("content, line, message", [
+    (GOOD_ROW + b'{"question": "Q", "response": \n', 2, "invalid JSON (Expecting value at column 31)"),
+    (GOOD_ROW + b'{"question": "caf\xe9", "response": "r", "ground_truth": "g"}\n', 2,
+     "not UTF-8 (byte 0xe9 at column 18)"),
+    (b"\n" + b"[1, 2]\n", 2, "expected a JSON object, got list"),
+    (b'{"question": "Q"}\n', 1, "missing response, ground_truth"),
+])
+def test_cli_malformed_input_names_file_and_line(content, line, message, tmp_path):
+    src, dst = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(content)
+    done = subprocess.run([sys.executable, "-m", "tools.judge", "--api-name", "gpt-x", "--input", str(src),
+                           "--output", str(dst)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **KEYS})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == f"error: {src}:{line}: {message}"
+    assert not dst.exists()

@@ -6,7 +6,7 @@ import pytest
 
 from RL.rewards import RewardFunctionError, RewardInput, RewardManager, load_reward_function
 from RL.rewards.accuracy import rule_accuracy
-from RL.rewards.answer import extract_answer, last_boxed
+from RL.rewards.answer import extract_answer, judge_prediction, last_boxed
 from RL.rewards.config import JudgeConfig, RewardConfig
 from RL.rewards.format_reward import boxed_format_reward
 from RL.rewards.length import LengthReference, group_length_penalties, length_penalty
@@ -41,6 +41,13 @@ def test_answer_extraction_and_format():
     assert boxed_format_reward(r"\boxed{3") == 0.0
 
 
+def test_judge_prediction_is_the_answer_or_the_whole_response_without_latents():
+    assert judge_prediction(r"<latent×3> so \boxed{7}") == "7"
+    assert judge_prediction("<latent×3> I think <abs_vis_token></abs_vis_token>seven ") == "I think seven"
+    assert judge_prediction(r"loop loop \boxed{7}", repetition=True) == r"loop loop \boxed{7}"
+    assert judge_prediction("<latent×3>") == ""  # nothing to judge: never sent
+
+
 def test_length_penalty_records_before_lookup():
     assert length_penalty(120, 100) == 20 and length_penalty(80, 100) == 0 and length_penalty(500, 0) == 0
     ref = LengthReference()
@@ -62,6 +69,8 @@ def test_vlpo_reward_rules_only():
     scores = vlpo_reward(samples)
     assert [s["overall"] for s in scores] == pytest.approx([1.0, 0.0, 0.1])
     assert [s["accuracy"] for s in scores] == [1.0, 0.0, 0.0]
+    assert [s["api_judged"] for s in scores] == [0.0] * 3 and [s["api_no_verdict"] for s in scores] == [0.0] * 3
+    assert [vlpo_reward([_sample(text)])[0]["unextractable"] for text in ("I think 4", r"\boxed{4}")] == [1.0, 0.0]
     with_penalty = vlpo_reward([_sample(r"\boxed{4}", length=10), _sample(r"\boxed{4}", length=30)],
                                length_penalty_weight=0.01)
     assert [s["overall"] for s in with_penalty] == pytest.approx([1.0, 1.0 - 0.2])

@@ -1,8 +1,10 @@
 """Re-judge saved rows offline: ``python -m tools.judge --api-name NAME --input rows.jsonl --output out.jsonl``.
 
-Each input row needs ``question``, ``response`` and ``ground_truth``. Rules decide first (as in training); rule
-negatives go to the API judge, with the same cache, retries and strict parsing. Every row is written back with
-``verdict`` (1, 0, −1 or null = no verdict) and ``source`` (rule, api, cache).
+Each input row (one JSON object per line, UTF-8) needs ``question``, ``response`` and ``ground_truth``; a malformed
+line stops the run with ``error: FILE:LINE: what is wrong`` and status 2. Rules decide first (as in training); rule
+negatives go to the API judge, with the same cache, retries and strict parsing, and a response with no extractable
+answer is sent whole unless ``--skip-unextractable``. Every row is written back with ``verdict`` (1, 0, −1 or
+null = no verdict) and ``source`` (rule, api, cache).
 """
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ import os
 import sys
 from collections import Counter
 
+from tools.cli import ArgumentParser, run_cli
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.judge", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m tools.judge", description=__doc__.splitlines()[0])
     p.add_argument("--api-name", required=True, help="gemini-* | deepseek-* | any OpenAI-compatible model name")
     p.add_argument("--base-url", default="", help="override the provider's endpoint")
     p.add_argument("--repetition", action="store_true", help="1 / 0 / -1 verdicts (-1: incorrect and repetitive)")
+    p.add_argument("--skip-unextractable", action="store_true",
+                   help="score responses without an extractable answer 0 by rule instead of asking the API")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--cache", default=None, help="verdict cache file (default: judge_cache.sqlite beside --output)")
@@ -33,14 +39,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+REQUIRED = ("question", "response", "ground_truth")
+
+
+class InputError(ValueError):
+    """A malformed input line; the message is ``FILE:LINE: what is wrong``."""
+
+
+def _parse_line(raw: bytes, where: str) -> dict | None:
+    """One input line as a row (None for a blank line), or InputError saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        raise InputError(f"{where}: missing {', '.join(missing)}")
+    return row
+
+
 def _read_rows(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for n, row in enumerate(rows, 1):
-        missing = [k for k in ("question", "response", "ground_truth") if k not in row]
-        if missing:
-            raise SystemExit(f"{path}: row {n} lacks {', '.join(missing)}")
-    return rows
+    try:
+        with open(path, "rb") as f:
+            parsed = [_parse_line(raw, f"{path}:{number}") for number, raw in enumerate(f, 1)]
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror}") from None
+    return [row for row in parsed if row is not None]
 
 
 def _make_judge(args):
@@ -51,7 +83,7 @@ def _make_judge(args):
                          max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
                          max_concurrency=args.concurrency, requests_per_minute=args.rpm,
                          api_kwargs={"temperature": args.temperature, "max_tokens": args.max_tokens},
-                         use_cache=not args.no_cache)
+                         use_cache=not args.no_cache, skip_unextractable=args.skip_unextractable)
     cache = None if args.no_cache else (args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output)),
                                                                    CACHE_FILENAME))
     return ApiJudge(config, repetition=args.repetition, cache_path=cache)
@@ -59,22 +91,13 @@ def _make_judge(args):
 
 def judge_rows(rows: list[dict], judge, repetition: bool) -> list[dict]:
     """Rule first; rule negatives to the API. Returns the rows with ``verdict`` and ``source`` added."""
-    from RL.rewards.accuracy import rule_accuracy
-    from RL.rewards.answer import extract_answer, strip_latents
-    from tools.judges import JudgeRequest
+    from RL.rewards.vlpo import judge_responses
 
-    out = [dict(row) for row in rows]
-    negatives = []
-    for row in out:
-        if rule_accuracy(str(row["response"]), str(row["ground_truth"])):
-            row["verdict"], row["source"] = 1, "rule"
-        else:
-            negatives.append(row)
-    requests = [JudgeRequest(str(r["question"]), strip_latents(str(r["response"])).strip() if repetition
-                             else extract_answer(str(r["response"])), str(r["ground_truth"])) for r in negatives]
-    for row, outcome in zip(negatives, judge.judge(requests)):
-        row["verdict"] = outcome.verdict
-        row["source"] = "rule" if outcome.source == "skip" else outcome.source
+    items = [(str(r["question"]), str(r["response"]), str(r["ground_truth"])) for r in rows]
+    out = []
+    for row, judged in zip(rows, judge_responses(items, judge, repetition)):
+        verdict, source = (judged.api_verdict, judged.api_source) if judged.asked else (judged.rule, "rule")
+        out.append({**row, "verdict": verdict, "source": source})
     return out
 
 
@@ -84,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     from tools.judges import JudgeCredentialsError
 
     args = parse_args(argv)
-    rows = _read_rows(args.input)
     try:
+        rows = _read_rows(args.input)
         judge = _make_judge(args)
-    except JudgeCredentialsError as exc:
+    except (ValueError, JudgeCredentialsError) as exc:  # InputError, or a judge config it cannot use
         print(f"error: {exc}", file=sys.stderr)
         return 2
     results: list[dict] = []
@@ -112,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

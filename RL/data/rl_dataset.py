@@ -1,10 +1,12 @@
-"""The RL prompt dataset: rows of (question with `<image>` markers, images, answer) -> model-ready prompts.
+"""The RL prompt dataset: rows of (question, images, answer) -> model-ready prompts.
 
-Every row is checked once, eagerly, when the dataset is built, so a bad row never crashes a run hours in: a missing
-key, a missing or corrupt image, a marker/image count mismatch or an overlong prompt skips the row, counts it in
-`dataset.skipped` and is reported in ONE warning with the first row ids per reason. The prompt length check computes
-each image's token count from its size (the processor's own formula) instead of running the image processor on
-every row, which is what makes EasyR1's overlong filter slow on large VLM data sets.
+Every row is checked once, eagerly, when the dataset is built, so a bad row never crashes a run hours in: a
+non-UTF-8 line, a missing key, an empty question, a null, missing, corrupt or over-size image, a marker/image count
+mismatch or an overlong prompt skips the row, counts it in `dataset.skipped` and is reported in ONE warning with one
+example (row and detail) per reason. A question with images but no `<image>` marker (Thyme-RL's form) gets one
+marker per image before the text, as Monet builds its prompts, and that is announced once. The prompt length check
+computes each image's token count from its size (the processor's own formula) instead of running the image processor
+on every row, which is what makes EasyR1's overlong filter slow on large VLM data sets.
 """
 from __future__ import annotations
 
@@ -16,19 +18,25 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from RL.data.collate import PromptCollator
-from RL.data.images import (CorruptImageError, MissingImageError, as_image_list, decode_image, fitted_size,
-                            load_image)
+from RL.data.fields import shorten
+from RL.data.images import (DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageTooLargeError, MissingImageError,
+                            as_image_list, decode_image, fitted_size, load_image)
 from RL.data.prompts import IMAGE_MARKER, FormatPrompt, render_prompt
 from RL.data.sources import Source, open_sources
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_key", "image_count_mismatch", "missing_image", "corrupt_image", "overlong_prompt")
+SKIP_REASONS = ("bad_encoding", "missing_key", "empty_prompt", "image_count_mismatch", "missing_image",
+                "corrupt_image", "image_too_large", "overlong_prompt")
 IDS_IN_WARNING = 5
+READ_ERRORS = {UnicodeDecodeError: "bad_encoding", MissingImageError: "missing_image",  # first match wins
+               FileNotFoundError: "missing_image", ImageTooLargeError: "image_too_large",
+               Image.DecompressionBombError: "image_too_large", CorruptImageError: "corrupt_image"}
 CHECK_CHUNK = 256
 
 
@@ -37,7 +45,7 @@ class RowSkipped(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class KeptRow:
     row: int
     row_id: str
     prompt_length: int
+    markers_added: bool = False
 
 
 @dataclass
@@ -60,6 +69,7 @@ class DatasetOptions:
     format_prompt: str = ""
     min_pixels: int = 262144
     max_pixels: int = 3136000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # a decoded image over this is skipped (image_too_large)
     filter_overlong_prompts: bool = True
     dataloader_num_workers: int = 0  # threads that decode images during the load-time check
 
@@ -93,8 +103,12 @@ class RLPromptDataset(Dataset):
         self.name = name
         self.image_token_id = processor.image_token_id
         self.merge_size = processor.image_processor.merge_size
+        self.max_image_pixels = options.max_image_pixels
         self.sources = open_sources(files)
+        self._check_columns()
+        self.has_images = any(_has_images(source.rows, self.image_key) for source in self.sources)
         self.skipped: dict[str, int] = {}
+        self.markers_added = 0
         self._kept = self._check_rows(max_samples, options.dataloader_num_workers)
         if not self._kept:
             raise ValueError(f"{name} data {files!r}: no usable rows (skipped: {self.skipped})")
@@ -107,11 +121,28 @@ class RLPromptDataset(Dataset):
         return cls(files, processor, data_config, max_samples=max_samples, name=split)
 
     # ------------------------------------------------------------------------------------------- checking
+    def _check_columns(self) -> None:
+        """A configured column a source lacks fails here, by name, instead of skipping every row as missing_key."""
+        for source in self.sources:
+            columns = source.rows.column_names
+            for option, key in (("prompt_key", self.prompt_key), ("answer_key", self.answer_key)):
+                if key not in columns:
+                    raise ValueError(f"{self.name} data {source.name}: no column {key!r} (data.{option}); "
+                                     f"its columns: {shorten(columns, 200)}")
+            if self.image_key not in columns:
+                other = next((name for name in ("images", "image") if name in columns), None)
+                if other:
+                    raise ValueError(f"{self.name} data {source.name}: no column {self.image_key!r} "
+                                     f"(data.image_key) but a column {other!r}: set data.image_key={other}")
+
     def _check_rows(self, max_samples: int, num_workers: int) -> list[KeptRow]:
-        """Check rows in order (threads decode images), stop at `max_samples` kept rows, warn once."""
+        """Check rows in order (threads decode images), stop at `max_samples` kept rows, report once."""
         addresses = [(s, r) for s, source in enumerate(self.sources) for r in range(len(source.rows))]
         kept: list[KeptRow] = []
-        skipped_ids: dict[str, list[str]] = defaultdict(list)
+        skips: dict[str, list[tuple[str, str]]] = defaultdict(list)  # reason -> [(row id, detail)]
+        for source in self.sources:
+            for reason, row_id, detail in source.skipped:
+                skips[reason].append((row_id, detail))
         with ThreadPoolExecutor(max(1, num_workers)) as pool, \
                 tqdm(total=len(addresses), desc=f"checking {self.name} data", unit="row") as progress:
             for start in range(0, len(addresses), CHECK_CHUNK):
@@ -120,79 +151,88 @@ class RLPromptDataset(Dataset):
                     if isinstance(outcome, KeptRow):
                         kept.append(outcome)
                     else:
-                        skipped_ids[outcome[0]].append(outcome[1])
+                        skips[outcome[0]].append(outcome[1:])
                 if 0 < max_samples <= len(kept):
                     break
-        self.skipped = {reason: len(skipped_ids[reason]) for reason in SKIP_REASONS if skipped_ids[reason]}
-        self._warn_skipped(skipped_ids, len(kept))
-        return kept[:max_samples] if max_samples > 0 else kept
+        kept = kept[:max_samples] if max_samples > 0 else kept
+        self.skipped = {reason: len(skips[reason]) for reason in SKIP_REASONS if skips[reason]}
+        self.markers_added = sum(row.markers_added for row in kept)
+        self._report(skips, len(kept))
+        return kept
 
-    def _warn_skipped(self, skipped_ids: dict[str, list[str]], kept: int) -> None:
+    def _report(self, skips: dict[str, list[tuple[str, str]]], kept: int) -> None:
+        """One warning for the skipped rows (one example with its detail per reason), one for added markers."""
+        if self.markers_added:
+            logger.warning("%s data: %d rows had images but no %s marker in %r; one marker per image was put "
+                           "before the question", self.name, self.markers_added, IMAGE_MARKER, self.prompt_key)
         if not self.skipped:
             return
-        parts = [f"{reason} {len(ids)} (e.g. {', '.join(ids[:IDS_IN_WARNING])})"
-                 for reason, ids in skipped_ids.items() if ids]
+        parts = []
+        for reason in self.skipped:
+            (row_id, detail), others = skips[reason][0], [row_id for row_id, _ in skips[reason][1:IDS_IN_WARNING]]
+            also = f"; also {', '.join(others)}" if others else ""
+            parts.append(f"{reason} {len(skips[reason])} (e.g. {row_id}: {detail}{also})")
         logger.warning("%s data: skipped %d rows, kept %d: %s", self.name, sum(self.skipped.values()), kept,
                        "; ".join(parts))
 
-    def _check_one(self, address: tuple[int, int]) -> Union[KeptRow, tuple[str, str]]:
+    def _check_one(self, address: tuple[int, int]) -> Union[KeptRow, tuple[str, str, str]]:
+        """The kept row, or (reason, row id, detail)."""
         source_index, row_index = address
         source = self.sources[source_index]
         row_id = f"{source.name}#{row_index}"
         try:
             row = self._read(source, row_index)
             row_id = _row_id(row, source, row_index)
-            length = self._prompt_length(row, source)
+            length, markers_added = self._prompt_length(row, source)
         except RowSkipped as skip:
-            return skip.reason, row_id
+            return skip.reason, row_id, skip.detail
         if length > self.max_prompt_length and self.filter_overlong_prompts:
-            return "overlong_prompt", row_id
-        return KeptRow(source_index, row_index, row_id, length)
+            return "overlong_prompt", row_id, f"{length} tokens > data.max_prompt_length {self.max_prompt_length}"
+        return KeptRow(source_index, row_index, row_id, length, markers_added)
 
     def _read(self, source: Source, row_index: int) -> dict[str, Any]:
         """The raw row; a `datasets` Image column decodes here, so its failures are image failures."""
         try:
             return source.rows[row_index]
-        except FileNotFoundError as error:
-            raise RowSkipped("missing_image", str(error)) from None
         except Exception as error:
-            raise RowSkipped("corrupt_image", str(error)) from None
+            raise _read_skip(error) from None
 
-    def _prompt_length(self, row: dict[str, Any], source: Source) -> int:
-        """Tokens of the templated prompt with every image expanded to its feature count."""
-        text = self._question_text(row)
-        raw_images = self._raw_images(row, text)
+    def _prompt_length(self, row: dict[str, Any], source: Source) -> tuple[int, bool]:
+        """(tokens of the templated prompt with every image expanded to its feature count, markers added)."""
+        text, raw_images, markers_added = self._prompt_parts(row)
         image_tokens = []
         for value in raw_images:
             image = self._decode(value, source)
             width, height = fitted_size(image.width, image.height, self.min_pixels, self.max_pixels)
             image_tokens.append(self._tokens_for_size(width, height))
         text_tokens = len(self.processor.tokenizer(render_prompt(self.processor, text))["input_ids"])
-        return text_tokens - len(image_tokens) + sum(image_tokens)  # each image placeholder expands
+        return text_tokens - len(image_tokens) + sum(image_tokens), markers_added  # each placeholder expands
 
-    def _question_text(self, row: dict[str, Any]) -> str:
+    def _prompt_parts(self, row: dict[str, Any]) -> tuple[str, list, bool]:
+        """(formatted question with one marker per image, raw image values, whether markers were added)."""
         question, answer = row.get(self.prompt_key), row.get(self.answer_key)
         if not isinstance(question, str) or answer is None:
-            missing = self.prompt_key if not isinstance(question, str) else self.answer_key
-            raise RowSkipped("missing_key", missing)
-        return self.format_prompt(question)
-
-    def _raw_images(self, row: dict[str, Any], text: str) -> list:
-        markers = text.count(IMAGE_MARKER)
-        if markers and row.get(self.image_key) is None:
-            raise RowSkipped("missing_key", self.image_key)
-        raw_images = as_image_list(row.get(self.image_key))
-        if markers != len(raw_images):
-            raise RowSkipped("image_count_mismatch", f"{markers} markers, {len(raw_images)} images")
-        return raw_images
+            raise RowSkipped("missing_key", self.prompt_key if not isinstance(question, str) else self.answer_key)
+        if not question.strip():
+            raise RowSkipped("empty_prompt", f"{self.prompt_key} is {shorten(question)!r}")
+        value = row.get(self.image_key)
+        markers = question.count(IMAGE_MARKER)
+        if value is None and (markers or self.has_images):
+            raise RowSkipped("missing_image", f"{self.image_key} is null")
+        raw_images = as_image_list(value)
+        added = markers == 0 and bool(raw_images)
+        if added:  # Monet's prompt: <image> + question
+            question = IMAGE_MARKER * len(raw_images) + question
+        text = self.format_prompt(question)
+        if text.count(IMAGE_MARKER) != len(raw_images):
+            raise RowSkipped("image_count_mismatch", f"{text.count(IMAGE_MARKER)} markers, {len(raw_images)} images")
+        return text, raw_images, added
 
     def _decode(self, value: Any, source: Source):
         try:
-            return decode_image(value, self.image_dir or source.base_dir)
-        except MissingImageError as error:
-            raise RowSkipped("missing_image", str(error)) from None
-        except CorruptImageError as error:
-            raise RowSkipped("corrupt_image", str(error)) from None
+            return decode_image(value, self.image_dir or source.base_dir, self.max_image_pixels)
+        except (MissingImageError, CorruptImageError, ImageTooLargeError) as error:
+            raise _read_skip(error) from None
 
     def _tokens_for_size(self, width: int, height: int) -> int:
         limits = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
@@ -215,13 +255,14 @@ class RLPromptDataset(Dataset):
         kept = self._kept[index]
         source = self.sources[kept.source]
         row = source.rows[kept.row]
-        question = row[self.prompt_key]
-        raw_prompt = render_prompt(self.processor, self.format_prompt(question))
-        images = [load_image(value, self.image_dir or source.base_dir, self.min_pixels, self.max_pixels)
-                  for value in as_image_list(row.get(self.image_key))]
+        text, raw_images, _ = self._prompt_parts(row)
+        raw_prompt = render_prompt(self.processor, text)
+        images = [load_image(value, self.image_dir or source.base_dir, self.min_pixels, self.max_pixels,
+                             self.max_image_pixels) for value in raw_images]
         item = self._encode(raw_prompt, images, kept)
         answer = row[self.answer_key]
-        item.update(raw_prompt=raw_prompt, images=images, question=question, row_id=kept.row_id, index=index,
+        item.update(raw_prompt=raw_prompt, images=images, question=row[self.prompt_key], row_id=kept.row_id,
+                    index=index,
                     ground_truth=str(answer) if isinstance(answer, (int, float)) else answer,
                     extra={key: value for key, value in row.items()
                            if key not in (self.prompt_key, self.answer_key, self.image_key)})
@@ -261,7 +302,20 @@ class RLPromptDataset(Dataset):
 
 def _row_id(row: dict[str, Any], source: Source, row_index: int) -> str:
     value = row.get("id")
-    return str(value) if value not in (None, "") else f"{source.name}#{row_index}"
+    return shorten(str(value)) if value not in (None, "") else f"{source.name}#{row_index}"
+
+
+def _has_images(rows, image_key: str) -> bool:
+    """Whether any row of `rows` has a non-null image value (read from the Arrow null count: nothing decodes)."""
+    if image_key not in rows.column_names or not len(rows):
+        return False
+    return rows.data.column(image_key).null_count < len(rows.data)
+
+
+def _read_skip(error: Exception) -> RowSkipped:
+    """The skip for a failure to read a row or decode its images, by exception type; unknown = corrupt_image."""
+    reason = next((name for kind, name in READ_ERRORS.items() if isinstance(error, kind)), "corrupt_image")
+    return RowSkipped(reason, shorten(str(error), 160))
 
 
 def build_datasets(data_config, processor) -> tuple[RLPromptDataset, Optional[RLPromptDataset]]:

@@ -49,6 +49,13 @@ def extract_answer(response: str) -> str:
     return tail.rstrip(".").strip()
 
 
+def judge_prediction(response: str, repetition: bool = False) -> str:
+    """What the API judge reads: the extracted answer; the whole response (latents stripped) when there is none, so
+    an answer the rules cannot find still gets a verdict, and in repetition mode, where the judge must see loops."""
+    answer = "" if repetition else extract_answer(response)
+    return answer or strip_latents(response).strip()
+
+
 def normalize_text(text: str) -> str:
     """Lower-case, drop LaTeX text wrappers, commas, surrounding punctuation and extra spaces (for word answers)."""
     text = re.sub(r"\\text(?:bf|rm|it)?\s*\{([^{}]*)\}", r"\1", text or "")

@@ -25,3 +25,6 @@ class JudgeConfig:
     max_retries: int = 4
     retry_backoff_s: float = 1.0  # first retry delay; doubles per attempt (with jitter), at least the server's Retry-After
     use_cache: bool = True  # persistent verdict cache in the run folder
+    # A response with no extractable answer (no \boxed{}, no "... is X") goes to the judge whole, latents stripped.
+    # true = Monet's behaviour: score it incorrect by rule without asking (cheaper, but misses unboxed answers).
+    skip_unextractable: bool = False

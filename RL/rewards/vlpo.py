@@ -1,22 +1,42 @@
 """Monet's VLPO reward: overall = 0.9·accuracy + 0.1·format − length_penalty_weight·length_penalty.
 
 Correctness is judged by rules first; only rule negatives go to the API judge (when one is configured), whose verdict
-replaces the rule result unless it is "no verdict". In repetition mode the verdict may be −1 (incorrect and looping),
-which makes the accuracy term negative. Components: ``accuracy`` (1/0, fraction correct), ``verdict`` (1/0/−1, the
-value in the reward), ``format``, ``length_penalty`` (tokens) and ``api_judged`` (1 when the API decided).
+replaces the rule result unless it is "no verdict". A response with no extractable answer goes to the judge whole
+(latents stripped), unless `worker.rule_based_judge.skip_unextractable` keeps Monet's "empty prediction = incorrect,
+no call". In repetition mode the verdict may be −1 (incorrect and looping), which makes the accuracy term negative.
+Components: ``accuracy`` (1/0, fraction correct), ``verdict`` (1/0/−1, the value in the reward), ``format``,
+``length_penalty`` (tokens), ``api_judged`` (1 when the API's verdict decided), ``api_no_verdict`` (1 when the API was
+asked and gave none, so the rule verdict stands) and ``unextractable`` (1 when the rules found no answer).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 
 from .accuracy import rule_accuracy
-from .answer import extract_answer, strip_latents
+from .answer import extract_answer, judge_prediction
 from .format_reward import boxed_format_reward
 from .interface import RewardInput
 from .length import LengthReference, group_length_penalties
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How one response was judged: the rule verdict, then the API's outcome when it was asked."""
+
+    rule: int
+    unextractable: bool = False  # the rules found no answer in the response
+    asked: bool = False  # sent to the API judge
+    api_verdict: int | None = None  # None: not asked, or asked without a verdict
+    api_source: str = ""  # "api" | "cache" when asked
+
+    @property
+    def verdict(self) -> int:
+        """The verdict in the reward: the API's when it gave one, else the rule's."""
+        return self.rule if self.api_verdict is None else self.api_verdict
 
 
 def _question(sample: RewardInput) -> str:
@@ -26,42 +46,48 @@ def _question(sample: RewardInput) -> str:
     return sample.prompt
 
 
-def _prediction(sample: RewardInput, repetition: bool) -> str:
-    """Plain mode judges the extracted answer; repetition mode needs the whole response to see loops."""
-    return strip_latents(sample.response).strip() if repetition else extract_answer(sample.response)
-
-
 def _prompt_key(sample: RewardInput) -> str:
     return hashlib.sha1(f"{sample.prompt}\x00{sample.ground_truth}".encode()).hexdigest()
 
 
-def judge_verdicts(samples: list[RewardInput], judge=None, repetition_penalty: bool = False) -> tuple[list[int], list[bool]]:
-    """Rule verdicts, with rule negatives re-judged by the API; returns (verdicts, decided_by_api)."""
+def _skips_unextractable(judge) -> bool:
+    return bool(getattr(getattr(judge, "config", None), "skip_unextractable", False))
+
+
+def judge_responses(items: list[tuple[str, str, str]], judge=None, repetition: bool = False) -> list[Judgement]:
+    """Judge (question, response, ground truth) triples: rules, then rule negatives to the API judge (if any)."""
     from tools.judges import JudgeRequest
 
-    verdicts = [int(rule_accuracy(s.response, s.ground_truth)) for s in samples]
-    by_api = [False] * len(samples)
-    negatives = [i for i, v in enumerate(verdicts) if v == 0]
-    if judge is None or not negatives:
-        return verdicts, by_api
-    requests = [JudgeRequest(_question(samples[i]), _prediction(samples[i], repetition_penalty),
-                             str(samples[i].ground_truth)) for i in negatives]
+    judged = [Judgement(int(rule_accuracy(response, truth)), not extract_answer(response))
+              for _, response, truth in items]
+    if judge is None:
+        return judged
+    skip = _skips_unextractable(judge)
+    predictions = {i: judge_prediction(items[i][1], repetition) for i, j in enumerate(judged)
+                   if j.rule == 0 and not (skip and j.unextractable)}
+    ask = [i for i, prediction in predictions.items() if prediction]  # an empty response has nothing to judge
+    if not ask:
+        return judged
+    requests = [JudgeRequest(items[i][0], predictions[i], items[i][2]) for i in ask]
     try:
         outcomes = judge.judge(requests)
-    except Exception as exc:  # noqa: BLE001 - the judge is a fallback: its failure leaves the rule verdicts
+    except Exception as exc:  # noqa: BLE001 - the judge is a fallback: its failure is "no verdict" for all asked
         logger.warning("API judge failed (%s); keeping rule verdicts", type(exc).__name__)
-        return verdicts, by_api
-    for i, outcome in zip(negatives, outcomes):
-        if outcome.verdict is not None and outcome.source != "skip":
-            verdicts[i], by_api[i] = int(outcome.verdict), True
-    return verdicts, by_api
+        outcomes = [None] * len(ask)
+    for i, outcome in zip(ask, outcomes):
+        verdict = None if outcome is None or outcome.source == "skip" else outcome.verdict
+        source = "api" if outcome is None else outcome.source
+        judged[i] = Judgement(judged[i].rule, judged[i].unextractable, True, verdict, source)
+    return judged
 
 
 def vlpo_reward(samples: list[RewardInput], judge=None, repetition_penalty: bool = False,
                 length_penalty_weight: float = 0.0, length_reference: LengthReference | None = None,
                 accuracy_weight: float = 0.9, format_weight: float = 0.1, **_: object) -> list[dict[str, float]]:
     """Batch reward function (``worker.reward.reward_function=RL/rewards/vlpo.py:vlpo_reward``)."""
-    verdicts, by_api = judge_verdicts(samples, judge, repetition_penalty)
+    judged = judge_responses([(_question(s), s.response, str(s.ground_truth)) for s in samples], judge,
+                             repetition_penalty)
+    verdicts = [j.verdict for j in judged]
     formats = [boxed_format_reward(s.response) for s in samples]
     penalties = [0.0] * len(samples)
     if length_penalty_weight:
@@ -69,5 +95,7 @@ def vlpo_reward(samples: list[RewardInput], judge=None, repetition_penalty: bool
                                            [s.response_length for s in samples], [v > 0 for v in verdicts],
                                            length_reference)
     return [{"overall": accuracy_weight * v + format_weight * f - length_penalty_weight * p,
-             "accuracy": float(v > 0), "verdict": float(v), "format": f, "length_penalty": p, "api_judged": float(a)}
-            for v, f, p, a in zip(verdicts, formats, penalties, by_api)]
+             "accuracy": float(v > 0), "verdict": float(v), "format": f, "length_penalty": p,
+             "api_judged": float(j.api_verdict is not None), "api_no_verdict": float(j.asked and j.api_verdict is None),
+             "unextractable": float(j.unextractable)}
+            for v, f, p, j in zip(verdicts, formats, penalties, judged)]

@@ -7,10 +7,12 @@ resumed run always starts from a checkpoint that was fully written.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +23,17 @@ SAVE_OK = "SAVE_OK"
 TRAINER_STATE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^step_(\d+)(\.[a-z]+)?\.tmp$")  # step_N.tmp, step_N.old.tmp
+CRASH_ENV = "LATENT_RL_CRASH_AT"
+
+
+def crash_point(name: str, step: int) -> None:
+    """SIGKILL this process at a named point of the save/log sequence when `LATENT_RL_CRASH_AT=<name>@<step>`.
+
+    A failpoint: the resume tests kill a real run inside exact windows (after a step before any save, between the
+    checkpoint rename and the metrics line, in the middle of pruning). Unset, it costs one environment lookup.
+    """
+    if os.environ.get(CRASH_ENV) == f"{name}@{int(step)}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointManager:
@@ -54,7 +67,8 @@ class CheckpointManager:
         if not tmp.is_dir():
             raise FileNotFoundError(f"{tmp} does not exist: call begin({step}) before finish({step})")
         _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
-        _write_synced(tmp / SAVE_OK, f"step {int(step)}\n".encode())
+        summary = {"step": int(step), "total_steps": trainer_state.get("total_steps")}
+        _write_synced(tmp / SAVE_OK, (json.dumps(summary) + "\n").encode())
         _fsync_tree(tmp)
         old = final.with_name(final.name + ".old.tmp")
         if final.exists():  # re-saving a step: move the old one aside (a .tmp, cleaned if we crash right here)
@@ -63,6 +77,7 @@ class CheckpointManager:
         os.replace(tmp, final)
         _fsync_path(self.run_dir)
         shutil.rmtree(old, ignore_errors=True)
+        crash_point("after_rename", step)
         self.prune()
         return final
 
@@ -80,6 +95,15 @@ class CheckpointManager:
         """(step, folder) of the newest complete checkpoint, or None when the run has none."""
         steps = self.complete_steps()
         return steps[-1] if steps else None
+
+    @staticmethod
+    def summary(folder: str | os.PathLike) -> dict:
+        """{"step", "total_steps"} of a complete checkpoint, read without torch (older checkpoints: step only)."""
+        text = (Path(folder) / SAVE_OK).read_text()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return {"step": int(text.split()[-1]), "total_steps": None}
 
     @staticmethod
     def load_trainer_state(path: str | os.PathLike) -> dict:
@@ -115,6 +139,7 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
             os.replace(folder, tmp)
+            crash_point("during_prune", step)
             shutil.rmtree(tmp, ignore_errors=True)
         return [folder for _, folder in doomed]
 

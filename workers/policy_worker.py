@@ -1,8 +1,10 @@
-"""The per-device worker that hosts the policy roles: actor, rollout and reference.
+"""The per-device worker that hosts named policies and their roles: actor (update), rollout and reference.
 
-By default one process per device holds all three (EasyR1's hybrid engine): the rollout engine is refreshed
-from the actor in-process each step, and with LoRA the reference is the actor with its adapters disabled, so
-no second trainable copy exists. `worker.placement.colocate=false` runs the rollout role in its own group.
+One process per device holds everything by default (EasyR1's hybrid engine). The policies are either one full model
+(`actor`, VLPO) or LoRA adapters on one frozen base (`solver` and `proposer` for self-evolution, or a LoRA `actor`);
+every method names the policy it acts on. The reference is a frozen copy for a full model, and the base with the
+adapters disabled for LoRA. The rollout engine holds its own unsharded copy (base + adapters with LoRA), refreshed
+from the actor each step; `worker.placement.colocate=false` runs it in its own group that receives weights via Ray.
 """
 from __future__ import annotations
 
@@ -12,89 +14,109 @@ from pathlib import Path
 import torch
 
 from monet_models.transformers import load_latent_model
-from workers.actor.fsdp_actor import FSDPPolicy
-from workers.actor.lora import lora_scaling, merge_lora_state_dict
+from tools.seeding import derive_seed
+from workers.actor.lora import apply_lora
+from workers.actor.policy import Policy
+from workers.actor.sharded_model import ShardedModel
+from workers.actor.updates import ppo_update
 from workers.group import DistributedWorker, timed_work
 from workers.rollout.base import SamplingParams
 
+PEFT_PREFIX = "base_model.model."
+
 
 class PolicyWorker(DistributedWorker):
-    def init_roles(self, config, roles: list[str], total_steps: int) -> None:
+    def init_roles(self, config, roles: list[str], policy_names: list[str], total_steps: int) -> None:
         self.config = config
         actor_cfg = config.worker.actor
         path = actor_cfg.model.model_path
-        self.actor = FSDPPolicy(actor_cfg, path, trainable=True, total_steps=total_steps) if "actor" in roles else None
-        self.ref = None
-        if "ref" in roles and self._needs_ref_copy():
+        self.adapters = list(policy_names) if actor_cfg.model.lora.rank > 0 else []
+        self.model = self.ref_model = self.engine = self.engine_peft = None
+        self.policies: dict[str, Policy] = {}
+        if "actor" in roles:
+            self.model = ShardedModel(path, actor_cfg, trainable=True, adapters=self.adapters)
+            self.policies = {name: Policy.build(name, self.model, name if self.adapters else None, actor_cfg.optim,
+                                                total_steps) for name in policy_names}
+        if "ref" in roles and not self.adapters and not config.algorithm.disable_kl:
             ref_cfg = config.worker.ref
-            self.ref = FSDPPolicy(actor_cfg, path, trainable=False, fsdp=ref_cfg.fsdp, offload=ref_cfg.offload)
-        self.engine = None
+            self.ref_model = ShardedModel(path, actor_cfg, trainable=False, fsdp=ref_cfg.fsdp, offload=ref_cfg.offload)
         if "rollout" in roles:
             self._build_engine(path)
-
-    def _needs_ref_copy(self) -> bool:
-        actor_cfg = self.config.worker.actor
-        return actor_cfg.use_kl_loss and actor_cfg.model.lora.rank == 0
 
     def _build_engine(self, path: str) -> None:
         from workers.rollout.native import NativeRolloutEngine
 
         model, processor = load_latent_model(path, dtype=self.config.worker.rollout.dtype)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.engine_model = model.to(device).eval()
+        # With LoRA the engine holds the base once and every adapter on it: no merged copy per policy.
+        self.engine_peft = apply_lora(model, self.config.worker.actor.model.lora, self.adapters) if self.adapters \
+            else None
+        self.engine_model = (self.engine_peft.get_base_model() if self.adapters else model).to(device).eval()
         self.engine = NativeRolloutEngine(self.engine_model, processor.tokenizer)
 
     # ---- rollout ---------------------------------------------------------------------------------------------
     @timed_work
-    def sync_rollout_weights(self) -> None:
-        """Copy the actor's current weights into the rollout engine (collective over the actor group)."""
-        state = self._rollout_state()
-        if self.engine is not None:
-            self.engine_model.load_state_dict(state)
-
-    @timed_work
-    def export_weights(self) -> dict | None:
-        state = self._rollout_state()
-        return state if self.rank == 0 else None
-
-    def _rollout_state(self) -> dict:
-        state = self.actor.full_state_dict()
-        lora = self.config.worker.actor.model.lora
-        return merge_lora_state_dict(state, lora_scaling(lora)) if lora.rank > 0 else state
-
-    @timed_work
-    def load_rollout_weights(self, state: dict) -> None:
-        self.engine_model.load_state_dict(state)
-
-    @timed_work
-    def generate(self, prompts: list, params: SamplingParams) -> list:
-        if params.seed is not None:
-            params = dataclasses.replace(params, seed=params.seed + 7919 * self.rank)
+    def generate(self, prompts: list, params: SamplingParams, policy: str) -> list:
+        if params.seed is not None:  # every rank draws its own stream
+            params = dataclasses.replace(params, seed=derive_seed(params.seed, "rank", self.rank))
+        if self.engine_peft is not None:
+            self.engine_peft.set_adapter(policy)
         with torch.inference_mode():
             return self.engine.generate(prompts, params)
 
-    # ---- log-probs and update --------------------------------------------------------------------------------
     @timed_work
-    def compute_log_probs(self, batch) -> torch.Tensor:
-        return self.actor.compute_log_probs(batch, self.config.worker.actor.monet_rl_sigma)
+    def sync_rollout_weights(self) -> None:
+        """Copy every policy's current weights into the colocated engine (a collective over the actor group)."""
+        weights = self._rollout_weights()
+        if self.engine is not None:
+            self.load_rollout_weights(weights)
+
+    @timed_work
+    def export_weights(self) -> dict | None:
+        """The weights a separate rollout pool loads (rank 0 returns them; a collective)."""
+        weights = self._rollout_weights()
+        return weights if self.rank == 0 else None
+
+    def _rollout_weights(self) -> dict:
+        if not self.adapters:
+            return self.model.gather_weights()
+        return {name: tensor for adapter in self.adapters for name, tensor in self.model.gather_weights(adapter).items()}
+
+    @timed_work
+    def load_rollout_weights(self, weights: dict) -> None:
+        if not self.adapters:
+            self.engine_model.load_state_dict(weights)
+            return
+        params = dict(self.engine_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name.removeprefix(PEFT_PREFIX)].copy_(tensor)
+
+    # ---- log-probs and updates -------------------------------------------------------------------------------
+    @timed_work
+    def compute_log_probs(self, batch, policy: str) -> torch.Tensor:
+        return self.model.score(batch, self.config.worker.actor.monet_rl_sigma, self.policies[policy].adapter)
 
     @timed_work
     def compute_ref_log_probs(self, batch) -> torch.Tensor:
         sigma = self.config.worker.ref.monet_rl_sigma
-        if self.ref is not None:
-            return self.ref.compute_log_probs(batch, sigma)
-        return self.actor.compute_log_probs(batch, sigma, disable_adapter=True)
+        if self.ref_model is not None:
+            return self.ref_model.score(batch, sigma, None)
+        return self.model.score(batch, sigma, None)  # the base with every adapter disabled
 
     @timed_work
-    def update_actor(self, batch, mini_batch_size: int, kl_coef: float) -> dict:
-        return self.actor.update(batch, mini_batch_size, kl_coef)
+    def update_policy(self, batch, policy: str, mini_batch_size: int, kl_coef: float) -> dict:
+        return ppo_update(self.policies[policy], batch, self.config.worker.actor, mini_batch_size, kl_coef)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
-    def save_checkpoint(self, folder: str, role: str = "actor") -> None:
-        role_dir = Path(folder) / role
-        self.actor.save(str(role_dir))
-        if self.rank == 0:
-            self.actor.save_hf_files(str(role_dir / "huggingface"))
+    def save_checkpoint(self, folder: str) -> None:
+        """Every policy into `folder/<policy>/` (shards, optimizer, Hugging Face files)."""
+        for name, policy in self.policies.items():
+            policy_dir = Path(folder) / name
+            policy.save(str(policy_dir))
+            if self.rank == 0:
+                self.model.save_hf_files(str(policy_dir / "huggingface"), policy.adapter)
 
-    def load_checkpoint(self, folder: str, role: str = "actor") -> None:
-        self.actor.load(str(Path(folder) / role))
+    def load_checkpoint(self, folder: str) -> None:
+        for name, policy in self.policies.items():
+            policy.load(str(Path(folder) / name))

@@ -11,6 +11,12 @@ class RewardWorker:
     def compute(self, samples, **context):
         return self.manager.compute(samples, **context)
 
+    def judge_answers(self, questions: list[str], predictions: list[str], truths: list[str]) -> list[int]:
+        """Verdicts of already extracted answers (self-evolution validation): rules, then the API judge."""
+        from RL.rewards.ireasoner import judge_answers
+
+        return judge_answers(questions, predictions, truths, self.manager.judge)
+
     def state_dict(self) -> dict:
         return self.manager.state_dict()
 

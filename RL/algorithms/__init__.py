@@ -2,6 +2,7 @@
 from .advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
+    ema_baseline,
     grpo,
     reinforce_plus_plus,
     rloo,
@@ -11,6 +12,7 @@ from .aggregation import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_sum
 from .kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
+    ExponentialKLController,
     FixedKLController,
     compute_kl,
     kl_abs,
@@ -22,9 +24,9 @@ from .kl import (
 from .policy_loss import compute_policy_loss
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "compute_advantages", "grpo", "rloo", "reinforce_plus_plus", "token_level_rewards",
+    "ADVANTAGE_ESTIMATORS", "compute_advantages", "ema_baseline", "grpo", "rloo", "reinforce_plus_plus", "token_level_rewards",
     "LOSS_AGG_MODES", "aggregate_loss", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "KL_ESTIMATORS", "compute_kl", "kl_k1", "kl_abs", "kl_mse", "kl_low_var",
-    "FixedKLController", "AdaptiveKLController", "make_kl_controller",
+    "FixedKLController", "AdaptiveKLController", "ExponentialKLController", "make_kl_controller",
     "compute_policy_loss",
 ]

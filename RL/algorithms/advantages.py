@@ -132,6 +132,23 @@ def _up_to_last(mask: torch.Tensor) -> torch.Tensor:
     return mask.flip(-1).cummax(-1).values.flip(-1)
 
 
+@torch.no_grad()
+def ema_baseline(scores, response_mask: torch.Tensor, baseline: float,
+                 momentum: float = 0.9) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """The released iReasoner rule: A_i = r_i − b, then b ← m·b + (1 − m)·r_i, sample by sample in batch order.
+
+    Stateful (the baseline carries over steps), so it is not in the registry; returns (advantages, returns, b).
+    Sample i sees the baseline after samples 0..i−1, as in the released one-sample-per-step loop.
+    """
+    s = _as_scores(scores, response_mask)
+    per_sample = torch.empty_like(s)
+    for i, score in enumerate(s.tolist()):
+        per_sample[i] = score - baseline
+        baseline = momentum * baseline + (1 - momentum) * score
+    adv, ret = _broadcast(per_sample, response_mask)
+    return adv, ret, float(baseline)
+
+
 ADVANTAGE_ESTIMATORS: Dict[str, Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = {
     "grpo": grpo,
     "rloo": rloo,

@@ -5,6 +5,7 @@ the reference, each with its own σ) are regularised exactly like text tokens.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict
 
 import torch
@@ -101,6 +102,29 @@ class AdaptiveKLController:
         self.value = float(state["value"])
         self.target = float(state.get("target", self.target))
         self.horizon = float(state.get("horizon", self.horizon))
+
+
+class ExponentialKLController:
+    """iReasoner's per-role rule, applied after every update: β ← clip(β·exp(rate·(KL − target)/target), lo, hi).
+
+    Multiplicative in the relative error, so β moves fast when the KL is far from its target; rate 0 keeps β fixed.
+    """
+
+    def __init__(self, init_kl_coef: float, target_kl: float, rate: float, low: float = 1e-8, high: float = 100.0):
+        if target_kl <= 0 or rate < 0:
+            raise ValueError(f"target_kl must be > 0 and rate >= 0, got {target_kl} and {rate}")
+        self.value, self.target, self.rate, self.low, self.high = float(init_kl_coef), float(target_kl), rate, low, high
+
+    def update(self, current_kl: float, n_steps: int = 1) -> None:
+        for _ in range(n_steps):
+            moved = self.value * math.exp(self.rate * (float(current_kl) - self.target) / self.target)
+            self.value = min(max(moved, self.low), self.high)
+
+    def state_dict(self) -> dict:
+        return {"type": "exponential", "value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
 
 
 def make_kl_controller(kl_type: str = "fixed", kl_coef: float = 0.0, target_kl: float = 0.1,

@@ -29,6 +29,8 @@ class DataConfig:
     answer_key: str = "answer"
     image_key: str = "images"
     image_dir: str = ""  # relative image paths resolve here; "" = the folder of the data file itself
+    # self-evolution reads unlabeled images from image_dir: only these first-level subfolders ("" = all of them)
+    include_subfolders: str = ""  # comma-separated, e.g. chartqa,ai2d
     max_prompt_length: int = 4096  # tokens after the chat template, image tokens included
     max_response_length: int = 4096
     rollout_batch_size: int = 64  # prompts per training step
@@ -38,6 +40,7 @@ class DataConfig:
     seed: int = 1
     min_pixels: int = 262144
     max_pixels: int = 3136000
+    max_image_pixels: int = 89_478_485  # a decoded image larger than this is skipped as image_too_large (PIL's bomb cap)
     filter_overlong_prompts: bool = True
     online_accum_size: int = 1024  # prompts per generation round of online difficulty sampling
     train_max_samples: int = -1  # -1 = all rows; otherwise the first N valid rows (none dropped beyond N)
@@ -142,6 +145,8 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
     limit_images: int = 4  # max images per prompt for the engine; 0 = no limit
+    block_size: int = 0  # vLLM KV-cache block in tokens; 0 = vLLM's default (on CPU 128; a multiple of 32 there)
+    cpu_kvcache_space_gb: float = 0.0  # vLLM on CPU: KV cache GiB; 0 = vLLM's default (VLLM_CPU_KVCACHE_SPACE wins)
     repetition_penalty: float = 1.0
     disable_tqdm: bool = False
     val_override_config: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1, "n": 1})
@@ -231,12 +236,50 @@ class SFTConfig:
 
 
 @dataclass
+class SelfEvolutionConfig:
+    """The proposer–solver loop (iReasoner / EvoLMM) from unlabeled images: `bash examples/ireasoner_train.sh`.
+
+    Images per step are `data.rollout_batch_size`; solver answers per question are `worker.rollout.n`; the solver's
+    answer length is `data.max_response_length` and its strategy `worker.rollout.sampling_strategy` (`monet` lets
+    it reason with latent blocks). Both roles are LoRA adapters on one frozen base (`worker.actor.model.lora`).
+    """
+
+    proposer_prompt: str = "examples/format_prompt/ireasoner_proposer.jinja"  # Jinja file; `content` is empty
+    solver_prompt: str = "examples/format_prompt/ireasoner_solver.jinja"  # Jinja file; `content` is the question
+    questions_per_image: int = 1  # candidate questions per image (>= 2 for the proposer's grpo group)
+    proposer_max_new_tokens: int = 128
+    proposer_temperature: float = 1.0
+    proposer_update_freq: int = 5  # the proposer is updated on steps divisible by this
+    variant: str = "ireasoner"  # ireasoner: soft consistency + step agreement | evolmm: soft consistency only
+    # solver reward r = (1 - w_t)·r_soft + w_t·r_step; w_t is 0 for the first warmup_frac of the run, then linear
+    step_weight_start: float = 0.0
+    step_weight_end: float = 0.7
+    warmup_frac: float = 0.3
+    soft_gamma: float = 0.7  # r_soft = p(a)^gamma · length factor
+    len_penalty: float = 0.05  # length factor 1 − len_penalty·clip((words − target_words)/target_words, 0, 1)
+    target_words: float = 64.0
+    step_position_decay: float = 0.15
+    step_density_gamma: float = 0.7
+    step_temperature: float = 1.0
+    embedder: str = "token"  # step embeddings: token (the policy's input embedding table) | minilm (.[embed] extra)
+    entropy_mu: float = 0.9  # proposer reward exp(−(H − mu)² / (2 sigma²)), H in nats
+    entropy_sigma: float = 0.35
+    advantage: str = "ema_baseline"  # ema_baseline (released: r − EMA per role) | grpo (z-score within groups)
+    ema_momentum: float = 0.9
+    update: str = "batched"  # batched (one optimizer step per mini-batch) | sequential (one per sample, as released)
+    kl_coef: float = 1e-3  # initial β per role; β ← clip(β·exp(kl_rate·(KL − kl_target)/kl_target), 1e-8, 100)
+    kl_target: float = 0.02
+    kl_rate: float = 0.1  # 0 keeps β fixed
+
+
+@dataclass
 class RootConfig:
     data: DataConfig = field(default_factory=DataConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    self_evolution: SelfEvolutionConfig = field(default_factory=SelfEvolutionConfig)
 
     @property
     def world_size(self) -> int:
@@ -257,10 +300,10 @@ CHOICES: dict[str, tuple] = {
     # EasyR1's `full` needs both full vocabulary distributions in one pass; it is refused rather than half-done.
     "algorithm.kl_penalty": ("kl", "abs", "mse", "low_var_kl"),
     "algorithm.kl_type": ("fixed", "adaptive"),
+    "self_evolution.variant": ("ireasoner", "evolmm"),
+    "self_evolution.embedder": ("token", "minilm"),
+    "self_evolution.advantage": ("ema_baseline", "grpo"),
+    "self_evolution.update": ("batched", "sequential"),
 }
 LOGGERS = ("console", "jsonl", "wandb", "tensorboard")
 VAL_OVERRIDABLE = ("n", "temperature", "top_p", "top_k", "seed", "sampling_strategy", "repetition_penalty")
-# data column names end in "_key" but hold no secret
-NOT_SECRET = frozenset({"prompt_key", "answer_key", "image_key"})
-SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"})
-

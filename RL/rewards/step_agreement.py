@@ -46,11 +46,12 @@ def position_weight(j: int, decay: float = 0.15) -> float:
     return math.exp(-decay * j)
 
 
-def step_weight(t: int, total_steps: int, start_step: int = 0, w_start: float = 0.0, w_end: float = 0.7) -> float:
-    """w_t: 0 for the first 30 % of the run, then linear to ``w_end``; ``start_step`` is the run's origin, not the
-    resume step (iReasoner restarted the warm-up on resume)."""
+def step_weight(t: int, total_steps: int, start_step: int = 0, w_start: float = 0.0, w_end: float = 0.7,
+                warmup_frac: float = 0.3) -> float:
+    """w_t: ``w_start`` for the first ``warmup_frac`` of the run, then linear to ``w_end``; ``start_step`` is the
+    run's origin, not the resume step (iReasoner restarted the warm-up on resume)."""
     progress = min(max((t - start_step) / max(1, total_steps - start_step), 0.0), 1.0)
-    u = 0.0 if progress <= 0.3 else (progress - 0.3) / 0.7
+    u = 0.0 if progress <= warmup_frac else (progress - warmup_frac) / (1 - warmup_frac)  # warmup_frac < 1
     return min(max(w_start + (w_end - w_start) * u, 0.0), 1.0)
 
 

@@ -1,6 +1,6 @@
 """Making batches: prompts → rollouts on the workers → scored `Batch`, with online difficulty sampling.
 
-Online difficulty sampling (DESIGN.md) keeps generating groups with the current weights, `data.online_accum_size`
+Online difficulty sampling (docs/design.md) keeps generating groups with the current weights, `data.online_accum_size`
 prompts per round, until `data.rollout_batch_size` groups have accuracy in (0, select_acc_threshold], and trains on
 them in the same step, so the update stays on-policy (Monet reused stored rollouts across steps). It gives up after
 `trainer.max_try_make_batch` tries with an error that says what was found.
@@ -13,11 +13,12 @@ import numpy as np
 import ray
 import torch
 
-from RL.protocol import Batch
+from RL.protocol import Batch, object_array
 from RL.rewards.interface import RewardInput
 from RL.rewards.manager import RewardResult
 from RL.trainer.rollout_batch import build_rollout_batch, render_response
 from monet_models.latent_tokens import LatentTokens
+from tools.seeding import derive_seed
 from workers.rollout.base import PromptInput, SamplingParams
 
 
@@ -60,25 +61,36 @@ def correct_answers(result: RewardResult) -> np.ndarray:
 
 
 class BatchMaker:
-    def __init__(self, config, tokenizer, rollout, reward, loader, total_steps: int):
+    def __init__(self, config, tokenizer, rollout, reward, loader, total_steps: int, policy: str):
         self.config, self.tokenizer, self.rollout, self.reward = config, tokenizer, rollout, reward
+        self.policy = policy
         self.tokens = LatentTokens.from_tokenizer(tokenizer)
         self.response_length = config.data.max_response_length
         self.loader, self.total_steps = loader, total_steps
 
     # ---- generation ------------------------------------------------------------------------------------------
-    def generate(self, items: list[dict], params: SamplingParams, tag: str) -> Batch:
+    def generate(self, items: list[dict], params: SamplingParams, tag: str, policy: str | None = None) -> Batch:
+        """`params.n` samples of each item by `policy` (default: this maker's), spread over the rollout ranks; the
+        samples of one item share the uid `<tag>-<item index>` (their group)."""
         for index, item in enumerate(items):
             item["uid"] = f"{tag}-{index}"
         shards = np.array_split(np.arange(len(items)), self.rollout.world_size)
-        futures = [worker.generate.remote([self._prompt(items[i]) for i in shard], params)
+        futures = [worker.generate.remote([self._prompt(items[i]) for i in shard], params, policy or self.policy)
                    for worker, shard in zip(self.rollout.workers, shards) if len(shard)]
         samples = []
         for shard, result in zip([s for s in shards if len(s)], ray.get(futures)):
             for sample in result:
                 sample.prompt_index = int(shard[sample.prompt_index])
                 samples.append(sample)
-        return build_rollout_batch(items, samples, params.n, self.tokens.pad_token, self.response_length)
+        batch = build_rollout_batch(items, samples, params.n, self.tokens.pad_token, params.max_new_tokens)
+        batch.non_tensors["response_text"] = self._render(batch)
+        return batch
+
+    def _render(self, batch: Batch) -> np.ndarray:
+        responses = batch.tensors["responses"]
+        valid = batch.tensors["attention_mask"][:, -responses.shape[1]:]
+        return object_array(render_response(self.tokenizer, responses[i][valid[i] > 0], self.tokens)
+                            for i in range(len(batch)))
 
     @staticmethod
     def _prompt(item: dict) -> PromptInput:
@@ -86,18 +98,16 @@ class BatchMaker:
 
     def reward_inputs(self, batch: Batch) -> list[RewardInput]:
         non = batch.non_tensors
-        responses = batch.tensors["responses"]
-        valid = batch.tensors["attention_mask"][:, -responses.shape[1]:]
+        lengths = batch.tensors["attention_mask"][:, -batch.tensors["responses"].shape[1]:].sum(-1).tolist()
         return [
-            RewardInput(prompt=non["raw_prompt"][i], response=render_response(self.tokenizer, responses[i][valid[i] > 0],
-                                                                               self.tokens),
-                        ground_truth=str(non["ground_truth"][i]), response_length=int(valid[i].sum()),
+            RewardInput(prompt=non["raw_prompt"][i], response=non["response_text"][i],
+                        ground_truth=str(non["ground_truth"][i]), response_length=int(lengths[i]),
                         extra=dict(non["extra"][i] or {}), group_id=str(non["uid"][i]))
             for i in range(len(batch))
         ]
 
-    def score_async(self, inputs: list[RewardInput], step: int):
-        return self.reward.compute.remote(inputs, step=step, total_steps=self.total_steps)
+    def score_async(self, inputs: list[RewardInput], step: int, **context):
+        return self.reward.compute.remote(inputs, step=step, total_steps=self.total_steps, **context)
 
     # ---- training batches ------------------------------------------------------------------------------------
     def make_training_batch(self, step: int):
@@ -138,13 +148,14 @@ class BatchMaker:
         return batch, ray.put(result), metrics
 
     def _seed(self, step: int, attempt: int) -> int:
-        return int(self.config.worker.rollout.seed) + 100_003 * step + 1_009 * attempt
+        return derive_seed(self.config.worker.rollout.seed, "step", step, "attempt", attempt)
 
     # ---- validation ------------------------------------------------------------------------------------------
     def validate(self, dataset, step: int, tracker) -> dict:
         rollout = self.config.worker.rollout
         size = self.config.data.val_batch_size if self.config.data.val_batch_size > 0 else len(dataset)
-        params = sampling_params(rollout, self.response_length, self._seed(0, 7), validation=True)
+        params = sampling_params(rollout, self.response_length, derive_seed(rollout.seed, "validation"),
+                                 validation=True)
         accuracies, rewards, lengths, blocks, logged = [], [], [], [], []
         for start in range(0, len(dataset), size):
             items = [dict(dataset[i]) for i in range(start, min(len(dataset), start + size))]

@@ -1,35 +1,34 @@
-"""LoRA (peft) for the actor: targets restricted to the language model, and merged weights for the rollout."""
+"""LoRA (peft): one named adapter per policy on one frozen base, restricted to the language model.
+
+The Qwen2.5-VL vision blocks name their MLPs `gate_proj`/`up_proj`/`down_proj` like the text layers, so plain
+module names would also adapt the vision tower; the target regex anchors every match in `model.language_model`.
+"""
 from __future__ import annotations
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def apply_lora(model, lora):
-    """Wrap with PEFT LoRA on the language model only: vision MLPs share the text MLPs' module names."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora):
+    """The peft `LoraConfig` of the `worker.actor.model.lora` section."""
+    from peft import LoraConfig
 
-    targets = DEFAULT_TARGETS if lora.target_modules in (None, "", "all-linear") else list(lora.target_modules)
+    targets = DEFAULT_TARGETS if lora.target_modules in (None, "", "all-linear") else tuple(lora.target_modules)
     pattern = r"model\.language_model\..*\.(" + "|".join(targets) + ")"
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern,
-                        bias="none")
-    return get_peft_model(model, config)
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern,
+                      exclude_modules=lora.exclude_modules or None, bias="none")
 
 
-def merge_lora_state_dict(state: dict, scaling: float) -> dict:
-    """A PEFT state dict → plain Hugging Face names with W + scaling·B·A folded in (what the rollout engine loads)."""
-    merged = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        name = key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
-        if key.endswith(".base_layer.weight"):
-            stem = key[: -len(".base_layer.weight")]
-            lora_a, lora_b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
-            value = value + scaling * (lora_b.float() @ lora_a.float()).to(value.dtype)
-        merged[name] = value
-    return merged
+def apply_lora(model, lora, adapters: list[str]):
+    """Wrap `model` with one adapter per name (B = 0 at start, so every adapter begins as the base model)."""
+    from peft import get_peft_model
+
+    first, *rest = adapters
+    wrapped = get_peft_model(model, lora_config(lora), adapter_name=first)
+    for name in rest:
+        wrapped.add_adapter(name, lora_config(lora))
+    return wrapped
 
 
-def lora_scaling(lora) -> float:
-    return lora.alpha / lora.rank
+def is_adapter_key(name: str, adapter: str) -> bool:
+    """Whether a parameter or state-dict key belongs to `adapter` (`...lora_A.<adapter>.weight`)."""
+    return f".{adapter}." in name and ".lora_" in name

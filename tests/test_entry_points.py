@@ -86,3 +86,18 @@ def test_import_monet_models_is_light_and_the_processor_module_registers():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ImageOnlyQwen2_5_VLProcessor"
+
+
+def test_monet_without_latent_noise_warns_once_naming_the_key(tmp_path, caplog):
+    from RL.config import load_config
+    from RL.main import prepare_run
+
+    base = [f"trainer.save_dir={tmp_path}", "worker.actor.model.model_path=/m", "data.train_files=/d.jsonl",
+            "worker.rule_based_judge.api_name="]
+    with caplog.at_level("WARNING"):
+        prepare_run(load_config(base + ["worker.rollout.monet.latent_noise_std=0"], require_inputs=False))
+    assert [r.message.count("worker.rollout.monet.latent_noise_std") for r in caplog.records] == [1]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_run(load_config(base + ["worker.rollout.monet.latent_noise_std=0.1"], require_inputs=False))
+    assert not caplog.records

@@ -45,13 +45,14 @@ def provider(request):
     """(api_name, key variable, server, base URL) for each protocol, with every key variable set."""
     name, var = {"openai": ("gpt-judge-test", "OPENAI_API_KEY"), "gemini": ("gemini-judge-test", "GOOGLE_API_KEY")}[
         request.param]
-    with env(**KEYS), LocalJudgeServer(key=KEYS[var], slow_s=1.5, retry_after_s=1.0) as server:
+    # slow_s well above timeout_s, and timeout_s well above a loaded machine's reply time: only "slow" times out
+    with env(**KEYS), LocalJudgeServer(key=KEYS[var], slow_s=6.0, retry_after_s=1.0) as server:
         base = server.base_url + ("/v1" if request.param == "openai" else "")
         yield name, var, server, base
 
 
 def config(name, base, **kw):
-    return JudgeConfig(api_name=name, api_base_url=base, timeout_s=0.5, max_retries=2, retry_backoff_s=0.05,
+    return JudgeConfig(api_name=name, api_base_url=base, timeout_s=2.0, max_retries=2, retry_backoff_s=0.05,
                        requests_per_minute=0, **kw)
 
 

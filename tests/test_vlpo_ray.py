@@ -20,19 +20,17 @@ TIMING_KEYS = ("timing_s/", "perf/")
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory, toy_data_dir):
-    """The tiny model after a short latent SFT, so rollouts open latent blocks."""
-    from RL.sft import run_sft
-    from tools.make_tiny_model import build_tiny_model
+def sft_model(vlpo_sft_model):
+    return vlpo_sft_model
 
-    root = tmp_path_factory.mktemp("vlpo")
-    base = build_tiny_model(root / "tiny", seed=0)
-    config = load_config(overrides(root, toy_data_dir, base, "sft") + [
-        "sft.steps=25", "sft.batch_size=8", f"sft.output_dir={root / 'sft'}"])
-    return str(run_sft(config)), toy_data_dir, root
+
+# Rewards that differ within every group (accuracy minus 0.01 per token), so advantages are never all zero.
+VARIED_REWARD = {"worker.reward.reward_type": "sequential", "worker.reward.reward_function_kwargs": "{budget: 0, weight: 0.01}",
+                 "worker.reward.reward_function": "examples/reward_function/length_penalty_example.py:compute_score"}
 
 
 def overrides(root, data_dir, model, name, **extra):
+    """A tiny VLPO run's command line (shared with the vLLM and Thyme modules)."""
     values = {
         "worker.actor.model.model_path": model, "data.train_files": f"{data_dir}/train.jsonl",
         "data.val_files": f"{data_dir}/val.jsonl", "trainer.save_dir": str(root / "runs"),
@@ -112,7 +110,8 @@ def test_lora_actor_with_adapter_disabled_reference(sft_model):
     model, data, root = sft_model
     _, metrics = train(overrides(root, data, model, "lora", **{
         "trainer.n_gpus_per_node": 1, "trainer.max_steps": 2, "trainer.save_freq": -1,
-        "worker.actor.model.lora.rank": 4, "worker.actor.model.lora.alpha": 8, "worker.actor.optim.lr": 1e-2}))
+        "worker.actor.model.lora.rank": 4, "worker.actor.model.lora.alpha": 8, "worker.actor.optim.lr": 1e-2,
+        **VARIED_REWARD}))
     assert metrics[-1]["actor/kl_loss"] > 0  # the reference (adapters off) differs from the trained adapters
     assert metrics[-1]["rollout/logprob_diff"] < 1e-4  # the engine received the merged LoRA weights
 
@@ -140,9 +139,12 @@ def test_online_difficulty_sampling_keeps_mixed_groups_and_fails_clearly(sft_mod
         train(overrides(root, data, model, "ods_none", **common, **{"worker.rollout.monet.select_acc_threshold": 1e-6}))
 
 
-def run_cli(args, log):
+def run_cli(args, log, crash_at=None, module="RL.main"):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "RL.main", *args], cwd=REPO, env=env, stdout=log,
+    env.pop("LATENT_RL_CRASH_AT", None)
+    if crash_at:
+        env["LATENT_RL_CRASH_AT"] = crash_at
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -150,27 +152,53 @@ def without_timing(metrics):
     return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)} for m in metrics]
 
 
-def test_sigkill_after_checkpoint_resumes_exactly(sft_model, tmp_path):
+def test_killed_in_every_window_and_restarted_metrics_hold_every_step_once(sft_model, tmp_path):
+    """SIGKILL after a step before any save, between a checkpoint's rename and its metrics line, and in the middle
+    of pruning; each restart resumes, and metrics.jsonl ends equal to an uninterrupted run's (validation on)."""
     model, data, root = sft_model
     if ray.is_initialized():
         ray.shutdown()
-    common = {"trainer.n_gpus_per_node": 1, "trainer.max_steps": 4, "trainer.save_freq": 2}
+    common = {"trainer.n_gpus_per_node": 1, "trainer.max_steps": 4, "trainer.save_freq": 1, "trainer.save_limit": 1,
+              "trainer.val_before_train": True, "trainer.val_freq": 2, "data.val_max_samples": 4}
     with open(tmp_path / "reference.log", "w") as log:
         assert run_cli(overrides(root, data, model, "uninterrupted", **common), log).wait(timeout=600) == 0
     reference = read_metrics(root / "runs/uninterrupted")
+    assert [m["step"] for m in reference] == [0, 1, 2, 3, 4]
 
-    killed_dir = root / "runs/killed"
-    with open(tmp_path / "killed.log", "w") as log:
-        process = run_cli(overrides(root, data, model, "killed", **common), log)
-        deadline = time.time() + 600
-        while not (killed_dir / "step_000002" / "SAVE_OK").exists():
-            assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-            time.sleep(0.2)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    with open(tmp_path / "resumed.log", "w") as log:
-        assert run_cli(overrides(root, data, model, "killed", **common), log).wait(timeout=600) == 0
-    assert "resumed" in (tmp_path / "resumed.log").read_text()
-    resumed = read_metrics(killed_dir)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    args = overrides(root, data, model, "killed", **common)
+    windows = ["after_step@1", "after_rename@2", "during_prune@2"]  # saving step 3 prunes step 2 (limit 1)
+    for index, window in enumerate(windows):
+        with open(tmp_path / f"killed{index}.log", "w") as log:
+            assert run_cli(args, log, crash_at=window).wait(timeout=600) == -signal.SIGKILL, window
+    with open(tmp_path / "final.log", "w") as log:
+        assert run_cli(args, log).wait(timeout=600) == 0
+    resumed = read_metrics(root / "runs/killed")
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
     assert without_timing(resumed) == without_timing(reference)
+    assert "resumed" in (tmp_path / "final.log").read_text()
+
+    start = time.perf_counter()
+    finished = subprocess.run([sys.executable, "-m", "RL.main", *args], cwd=REPO, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert finished.returncode == 0 and "is complete at step 4" in finished.stdout
+    assert "raise trainer.max_steps" in finished.stdout and time.perf_counter() - start < 60
+    assert len(read_metrics(root / "runs/killed")) == 5  # nothing ran, nothing was appended
+
+
+def test_adaptive_kl_moves_by_the_sample_count_and_kl_in_reward_penalises(sft_model):
+    model, data, root = sft_model
+    horizon, target = 100, 1e-4
+    _, metrics = train(overrides(root, data, model, "adaptive", **{
+        "trainer.n_gpus_per_node": 1, "trainer.max_steps": 2, "trainer.save_freq": -1,
+        "algorithm.kl_type": "adaptive", "algorithm.kl_target": target, "algorithm.kl_horizon": horizon,
+        "worker.actor.optim.lr": 1e-2, **VARIED_REWARD}))
+    samples = 4 * 2  # rollout_batch_size x n
+    error = min(max(metrics[0]["actor/kl_loss"] / target - 1, -0.2), 0.2)
+    assert metrics[1]["actor/kl_coef"] == pytest.approx(metrics[0]["actor/kl_coef"] * (1 + error * samples / horizon))
+    assert metrics[1]["actor/kl_coef"] != metrics[0]["actor/kl_coef"]
+
+    _, metrics = train(overrides(root, data, model, "kl_in_reward", **{
+        "trainer.n_gpus_per_node": 1, "trainer.max_steps": 2, "trainer.save_freq": -1,
+        "algorithm.use_kl_loss": False, "algorithm.kl_coef": 0.5, "worker.actor.optim.lr": 1e-2, **VARIED_REWARD}))
+    assert "actor/kl_loss" not in metrics[-1]  # no KL term in the loss ...
+    assert metrics[-1]["reward/kl"] > 0  # ... but a measured KL that the advantages were penalised with

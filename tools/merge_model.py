@@ -1,10 +1,13 @@
 """Turn a training checkpoint into a plain Hugging Face model folder (LoRA merged), offline and in one process.
 
-    python -m tools.merge_model RUN_STEP_DIR [--role actor] [--out DIR] [--dtype auto|fp32|bf16|fp16]
+    python -m tools.merge_model RUN_STEP_DIR [--role actor] [--out DIR] [--dtype auto|fp32|bf16|fp16] [--adapter-only]
 
 Reads `RUN_STEP_DIR/<role>/model` (torch.distributed.checkpoint, any world size) and `RUN_STEP_DIR/<role>/huggingface`
-(config, generation config, processor, adapter_config.json with LoRA), and writes `RUN_STEP_DIR/huggingface/`,
-loadable with `AutoModelForImageTextToText` / `AutoProcessor` (after `import monet_models.processor`) or by vLLM.
+(config, generation config, processor, adapter_config.json with LoRA), and writes `RUN_STEP_DIR/huggingface/`
+(`huggingface_<role>/` for roles other than actor), loadable with `AutoModelForImageTextToText` / `AutoProcessor`
+(after `import monet_models.processor`) or by vLLM. A LoRA role's checkpoint holds only its adapter: the base comes
+from the adapter_config.json's base model path. `--adapter-only` writes that adapter as a PEFT folder instead
+(`adapter_<role>/`, loadable with `PeftModel.from_pretrained(base, folder)`).
 """
 from __future__ import annotations
 
@@ -29,16 +32,80 @@ class MergeError(RuntimeError):
 
 
 def merge_checkpoint(step_dir: str | Path, role: str = "actor", out_dir: str | Path | None = None,
-                     dtype: str = "auto") -> Path:
-    """Merge `step_dir/<role>` into a Hugging Face folder (default `step_dir/huggingface`); returns that folder."""
+                     dtype: str = "auto", adapter_only: bool = False) -> Path:
+    """Merge `step_dir/<role>` into a Hugging Face folder (or export its adapter); returns that folder."""
     step_dir = Path(step_dir)
     role_dir, hf_dir = _check_inputs(step_dir, role)
-    out = Path(out_dir) if out_dir is not None else step_dir / "huggingface"
+    out = Path(out_dir) if out_dir is not None else step_dir / _default_name(role, adapter_only)
     state = load_dcp_state_dict(role_dir / "model")
-    model = build_model(hf_dir, state)
+    adapter = adapter_name(state)
+    if adapter is None and adapter_only:
+        raise MergeError(f"--adapter-only: {role_dir} holds full model weights, not a LoRA adapter")
+    if adapter is None:
+        model = build_model(hf_dir, state)
+    else:
+        model = build_adapter_model(hf_dir, state, adapter)
+        if adapter_only:
+            _save_adapter(model, out)
+            return out
+        model = model.merge_and_unload()
     model = model.to(_target_dtype(dtype, model.config, state))
     _save(model, hf_dir, out)
     return out
+
+
+def _default_name(role: str, adapter_only: bool) -> str:
+    if adapter_only:
+        return f"adapter_{role}"
+    return "huggingface" if role == "actor" else f"huggingface_{role}"
+
+
+def adapter_name(state: dict[str, torch.Tensor]) -> str | None:
+    """The adapter a state dict holds when every key is a LoRA tensor (`...lora_A.<name>.weight`), else None."""
+    if not state or not all(".lora_" in key for key in state):
+        return None
+    names = {key.split(".lora_", 1)[1].split(".")[1] for key in state}
+    if len(names) != 1:
+        raise MergeError(f"the checkpoint mixes adapters {sorted(names)}; expected one per role")
+    return names.pop()
+
+
+def build_adapter_model(hf_dir: Path, state: dict[str, torch.Tensor], adapter: str):
+    """The base model of adapter_config.json with this adapter loaded as peft's `default` (strict on LoRA keys)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from monet_models.latent_tokens import add_latent_tokens
+    from monet_models.processor import load_processor
+
+    config = LoraConfig.from_pretrained(str(hf_dir))
+    base_path = config.base_model_name_or_path
+    if not base_path or not Path(base_path).is_dir():
+        raise MergeError(f"{hf_dir}/adapter_config.json names the base model {base_path!r}, which is not a folder "
+                         "here; the base weights are needed to merge an adapter")
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+    add_latent_tokens(load_processor(str(hf_dir)).tokenizer, base)  # the size the adapter was trained on
+    config.inference_mode = False
+    model = get_peft_model(base, config)
+    renamed = {key.replace(f".{adapter}.", ".default."): value for key, value in state.items()}
+    result = model.load_state_dict(renamed, strict=False)
+    missing = [key for key in result.missing_keys if ".lora_" in key]
+    if missing or result.unexpected_keys:
+        raise MergeError(f"the adapter does not fit the base: {len(missing)} missing LoRA key(s) {_preview(missing)}, "
+                         f"{len(result.unexpected_keys)} unexpected key(s) {_preview(result.unexpected_keys)}")
+    _load_generation_config(model.base_model.model, hf_dir)
+    return model
+
+
+def _save_adapter(model, out: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors, written next to `out` first (no half folder on failure)."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def _check_inputs(step_dir: Path, role: str) -> tuple[Path, Path]:
@@ -190,9 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--role", default="actor", help="actor (default), solver, proposer ...")
     parser.add_argument("--out", default=None, help="output folder (default STEP_DIR/huggingface)")
     parser.add_argument("--dtype", default="auto", help="auto (config.json's dtype), fp32, bf16 or fp16")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="write the role's LoRA adapter as a PEFT folder instead of a merged model")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = merge_checkpoint(args.step_dir, args.role, args.out, args.dtype)
+    out = merge_checkpoint(args.step_dir, args.role, args.out, args.dtype, args.adapter_only)
     files = sorted(path.name for path in out.iterdir())
     print(json.dumps({"merged": str(out), "seconds": round(time.perf_counter() - start, 2), "files": files}))
 

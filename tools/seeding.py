@@ -12,7 +12,7 @@ import numpy as np
 
 def derive_seed(base: int, *parts: int | str) -> int:
     """A 31-bit seed determined by `base` and the labelled `parts` (ints or short strings)."""
-    words = [int(base) & 0xFFFFFFFF] + [_word(part) for part in parts]
+    words = [int(base) & 0xFFFFFFFF, (int(base) >> 32) & 0xFFFFFFFF] + [_word(part) for part in parts]
     return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
 
 

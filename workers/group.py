@@ -85,11 +85,18 @@ class WorkerGroup:
         """Run `method` on every rank with the same arguments; wait and return each rank's result."""
         return ray.get([getattr(worker, method).remote(*args, **kwargs) for worker in self.workers])
 
-    def dispatch(self, method: str, batch, *args, **kwargs) -> list:
-        """Split `batch` into world_size equal shards (pad it first) and run `method` on each rank's shard."""
-        shards = batch.chunk(self.world_size)
-        return ray.get([getattr(worker, method).remote(shard, *args, **kwargs)
-                        for worker, shard in zip(self.workers, shards)])
+    def scatter(self, batch) -> list:
+        """Each rank's equal shard of `batch`, put in the object store once: the passes that follow (old and
+        reference log-probs, the update) send references, so a step's batch is serialized once, not per pass."""
+        return [ray.put(shard) for shard in batch.chunk(self.world_size)]
+
+    def dispatch(self, method: str, batch, *args, per_rank: list[dict] | None = None, **kwargs) -> list:
+        """Run `method` on each rank's shard: `batch` is a Batch (split here) or `scatter`'s references.
+        `per_rank[r]` holds rank r's own keyword arguments (e.g. its slice of the advantages)."""
+        shards = batch if isinstance(batch, list) else batch.chunk(self.world_size)
+        own = per_rank or [{}] * self.world_size
+        return ray.get([getattr(worker, method).remote(shard, *args, **kwargs, **extra)
+                        for worker, shard, extra in zip(self.workers, shards, own)])
 
     def shutdown(self) -> None:
         try:

@@ -14,25 +14,28 @@ from pathlib import Path
 import torch
 
 from monet_models.transformers import load_latent_model
+from RL.algorithms import compute_kl
 from tools.seeding import derive_seed
-from workers.actor.lora import apply_lora
+from workers.actor.lora import adapter_tensors, apply_lora, lora_config
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel
 from workers.actor.updates import ppo_update
 from workers.group import DistributedWorker, timed_work
 from workers.rollout.base import SamplingParams
-
-PEFT_PREFIX = "base_model.model."
+from workers.rollout.engines import use_vllm
 
 
 class PolicyWorker(DistributedWorker):
     def init_roles(self, config, roles: list[str], policy_names: list[str], total_steps: int) -> None:
         self.config = config
+        # Fresh LoRA matrices are random: the same seed on every rank and in the engine gives one initial policy.
+        torch.manual_seed(derive_seed(config.trainer.seed, "init"))
         actor_cfg = config.worker.actor
         path = actor_cfg.model.model_path
         self.adapters = list(policy_names) if actor_cfg.model.lora.rank > 0 else []
-        self.model = self.ref_model = self.engine = self.engine_peft = None
+        self.model = self.ref_model = self.engine = None
         self.policies: dict[str, Policy] = {}
+        self._kept: dict[str, dict[str, torch.Tensor]] = {}  # log-probs per step key, until the update
         if "actor" in roles:
             self.model = ShardedModel(path, actor_cfg, trainable=True, adapters=self.adapters)
             self.policies = {name: Policy.build(name, self.model, name if self.adapters else None, actor_cfg.optim,
@@ -44,25 +47,29 @@ class PolicyWorker(DistributedWorker):
             self._build_engine(path)
 
     def _build_engine(self, path: str) -> None:
+        rollout, lora = self.config.worker.rollout, self.config.worker.actor.model.lora
+        torch.manual_seed(derive_seed(self.config.trainer.seed, "init"))  # the actor's initial adapters, exactly
+        if use_vllm(rollout.name):
+            from workers.rollout.vllm_engine import VLLMRolloutEngine
+
+            seed = derive_seed(rollout.seed, "engine", self.rank)
+            self.engine = VLLMRolloutEngine.from_config(path, rollout, seed, lora if self.adapters else None)
+            return
         from workers.rollout.native import NativeRolloutEngine
 
-        model, processor = load_latent_model(path, dtype=self.config.worker.rollout.dtype)
+        model, processor = load_latent_model(path, dtype=rollout.dtype)
+        if self.adapters:  # the base once, with every adapter on it: no merged copy per policy
+            model = apply_lora(model, lora, self.adapters).get_base_model()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # With LoRA the engine holds the base once and every adapter on it: no merged copy per policy.
-        self.engine_peft = apply_lora(model, self.config.worker.actor.model.lora, self.adapters) if self.adapters \
-            else None
-        self.engine_model = (self.engine_peft.get_base_model() if self.adapters else model).to(device).eval()
-        self.engine = NativeRolloutEngine(self.engine_model, processor.tokenizer)
+        self.engine = NativeRolloutEngine(model.to(device).eval(), processor.tokenizer)
 
     # ---- rollout ---------------------------------------------------------------------------------------------
     @timed_work
     def generate(self, prompts: list, params: SamplingParams, policy: str) -> list:
         if params.seed is not None:  # every rank draws its own stream
             params = dataclasses.replace(params, seed=derive_seed(params.seed, "rank", self.rank))
-        if self.engine_peft is not None:
-            self.engine_peft.set_adapter(policy)
         with torch.inference_mode():
-            return self.engine.generate(prompts, params)
+            return self.engine.generate(prompts, params, lora=policy if self.adapters else None)
 
     @timed_work
     def sync_rollout_weights(self) -> None:
@@ -78,34 +85,52 @@ class PolicyWorker(DistributedWorker):
         return weights if self.rank == 0 else None
 
     def _rollout_weights(self) -> dict:
+        """The full state dict, or {adapter: its tensors in peft's saved naming} with LoRA (the base never moves)."""
         if not self.adapters:
             return self.model.gather_weights()
-        return {name: tensor for adapter in self.adapters for name, tensor in self.model.gather_weights(adapter).items()}
+        return {name: adapter_tensors(self.model.gather_weights(name), name) for name in self.adapters}
 
     @timed_work
     def load_rollout_weights(self, weights: dict) -> None:
         if not self.adapters:
-            self.engine_model.load_state_dict(weights)
+            self.engine.update_weights(weights)
             return
-        params = dict(self.engine_model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name.removeprefix(PEFT_PREFIX)].copy_(tensor)
+        for name, tensors in weights.items():
+            self.engine.update_adapter(name, tensors, self._adapter_config())
+
+    def _adapter_config(self):
+        config = lora_config(self.config.worker.actor.model.lora)
+        config.base_model_name_or_path = self.config.worker.actor.model.model_path
+        return config
 
     # ---- log-probs and updates -------------------------------------------------------------------------------
+    # The log-probs stay on the worker under the step's `key` until the update reads them: the driver needs none of
+    # them, only the rollout/actor agreement (and, for a KL in the reward, the per-token KL).
     @timed_work
-    def compute_log_probs(self, batch, policy: str) -> torch.Tensor:
-        return self.model.score(batch, self.config.worker.actor.monet_rl_sigma, self.policies[policy].adapter)
+    def compute_log_probs(self, batch, policy: str, key: str) -> dict:
+        """Old log-probs of this rank's shard under `policy`; returns the rollout/actor disagreement on text."""
+        old = self.model.score(batch, self.config.worker.actor.monet_rl_sigma, self.policies[policy].adapter)
+        self._kept.setdefault(key, {})["old_log_probs"] = old
+        text = batch.tensors["response_mask"].bool() & (batch.tensors["rollout_log_probs"] != 0)
+        diff = (old - batch.tensors["rollout_log_probs"]).abs()[text]
+        return {"logprob_diff_sum": float(diff.sum()), "text_tokens": int(text.sum())}
 
     @timed_work
-    def compute_ref_log_probs(self, batch) -> torch.Tensor:
+    def compute_ref_log_probs(self, batch, key: str, reward_kl: str | None = None) -> torch.Tensor | None:
+        """Reference log-probs (a frozen copy, or the base with every adapter disabled). With `reward_kl` (a KL
+        estimator name) returns the per-token KL of the old log-probs to them, for a KL penalty in the reward."""
         sigma = self.config.worker.ref.monet_rl_sigma
-        if self.ref_model is not None:
-            return self.ref_model.score(batch, sigma, None)
-        return self.model.score(batch, sigma, None)  # the base with every adapter disabled
+        ref = (self.ref_model or self.model).score(batch, sigma, None)
+        kept = self._kept.setdefault(key, {})
+        kept["ref_log_probs"] = ref
+        if reward_kl is None:
+            return None
+        return compute_kl(kept["old_log_probs"], ref, reward_kl) * batch.tensors["response_mask"].float()
 
     @timed_work
-    def update_policy(self, batch, policy: str, mini_batch_size: int, kl_coef: float) -> dict:
+    def update_policy(self, batch, policy: str, key: str, advantages: torch.Tensor, mini_batch_size: int,
+                      kl_coef: float) -> dict:
+        batch.tensors.update({**self._kept.pop(key), "advantages": advantages})  # a fresh copy from the store
         return ppo_update(self.policies[policy], batch, self.config.worker.actor, mini_batch_size, kl_coef)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------

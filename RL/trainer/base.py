@@ -110,17 +110,20 @@ class RayTrainer:
         if self.rollout is self.policy:
             self.policy.call("sync_rollout_weights")
             return
-        weights = ray.put(self.policy.call("export_weights")[0])
-        self.rollout.call("load_rollout_weights", weights)
+        # Rank 0's export stays in its object store; the rollout ranks fetch it from there, never via the driver.
+        exports = [worker.export_weights.remote() for worker in self.policy.workers]
+        self.rollout.call("load_rollout_weights", exports[0])
+        ray.get(exports[1:])
 
     def report_end(self) -> None:
         from tools.plot_metrics import plot_run
 
         latest = self.checkpoints.latest()
-        plots = plot_run(self.run_dir)
+        plots = plot_run(self.run_dir)[-1].parent
         print(f"run {self.config.trainer.experiment_name} finished at step {self.step}: {self.run_dir}\n"
               f"  newest checkpoint: {latest[1] if latest else 'none'}\n"
-              f"  metrics: {self.tracker.metrics_path}\n  plots: {plots}")
+              f"  metrics: {self.tracker.metrics_path}\n  plots: {plots} (redraw: python -m tools.plot_metrics "
+              f"{self.run_dir})")
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save(self, metrics: dict) -> None:
@@ -134,6 +137,7 @@ class RayTrainer:
         latest = self.checkpoints.latest() if self.config.trainer.resume else None
         if latest is None:
             self.tracker.truncate_after(-1)  # a run that crashed before its first save starts over cleanly
+            self.sync_rollout_weights()  # the engines serve exactly the actor's initial weights (and adapters)
             return
         step, folder = latest
         self.policy.call("load_checkpoint", str(folder))

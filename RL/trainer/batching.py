@@ -32,7 +32,8 @@ def sampling_params(rollout, response_length: int, seed: int, validation: bool =
         n=int(override.get("n", rollout.n)), temperature=float(override.get("temperature", rollout.temperature)),
         top_p=float(override.get("top_p", rollout.top_p)), top_k=rollout.top_k, max_new_tokens=response_length,
         strategy=rollout.sampling_strategy, latent_size=rollout.latent_size,
-        latent_noise_std=0.0 if validation else rollout.monet.latent_noise_std, seed=seed,
+        latent_noise_std=0.0 if validation else rollout.monet.latent_noise_std,
+        latent_noise_relative=rollout.monet.latent_noise_scale == "rms", seed=seed,
         repetition_penalty=rollout.repetition_penalty,
     )
 
@@ -46,13 +47,14 @@ def rollout_metrics(batch: Batch, rewards: RewardResult) -> dict:
         "rollout/truncated_block_rate": float(np.mean(batch.non_tensors["truncated_block"])),
         "rollout/clip_rate": float(np.mean([r == "length" for r in batch.non_tensors["finish_reason"]])),
     }
-    if "old_log_probs" in batch.tensors.keys():
-        text = mask * (batch.tensors["rollout_log_probs"] != 0).float()
-        diff = (batch.tensors["old_log_probs"] - batch.tensors["rollout_log_probs"]).abs() * text
-        metrics["rollout/logprob_diff"] = float(diff.sum() / text.sum().clamp(min=1))
     if "accuracy" in rewards.components:
         metrics["reward/accuracy"] = float(correct_answers(rewards).mean())
     return metrics
+
+
+def logprob_diff(parts: list[dict]) -> float:
+    """Mean |actor − rollout| log-prob over the sampled text tokens, from the ranks' sums (engine agreement)."""
+    return sum(p["logprob_diff_sum"] for p in parts) / max(1, sum(p["text_tokens"] for p in parts))
 
 
 def correct_answers(result: RewardResult) -> np.ndarray:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import ray
 import torch
 
-from RL.algorithms import compute_advantages, compute_kl, make_kl_controller, masked_mean
+from RL.algorithms import compute_advantages, make_kl_controller, masked_mean
 from RL.protocol import Batch
 from RL.trainer.base import RayTrainer, mean_dicts, timed
-from RL.trainer.batching import BatchMaker, rollout_metrics
+from RL.trainer.batching import BatchMaker, logprob_diff, rollout_metrics
 from workers.reward_worker import RewardWorker
 
 POLICY = "actor"
@@ -37,22 +37,29 @@ class VLPOTrainer(RayTrainer):
     def train_step(self, step: int) -> dict:
         timing: dict = {}
         kl_coef = self.kl_controller.value  # this step's coefficient; the controller moves after the update
+        in_reward_kl = self.uses_reference and not self.config.algorithm.use_kl_loss
         self.pop_busy_time()  # forget validation and start-up work
         with timed(timing, "step"):
             with timed(timing, "gen"):
                 batch, reward_future, gen_metrics = self.batches.make_training_batch(step)
+                shards, key = self.policy.scatter(batch), f"s{step}"
             with timed(timing, "old"):
-                batch.tensors["old_log_probs"] = torch.cat(self.policy.dispatch("compute_log_probs", batch, POLICY))
+                agreement = self.policy.dispatch("compute_log_probs", shards, POLICY, key)
+            kl = None
             if self.uses_reference:
                 with timed(timing, "ref"):
-                    batch.tensors["ref_log_probs"] = torch.cat(self.policy.dispatch("compute_ref_log_probs", batch))
+                    parts = self.policy.dispatch("compute_ref_log_probs", shards, key,
+                                                 self.config.algorithm.kl_penalty if in_reward_kl else None)
+                    kl = torch.cat(parts) if in_reward_kl else None
             with timed(timing, "reward"):
                 rewards = ray.get(reward_future)
             with timed(timing, "adv"):
-                kl_metrics = self._add_advantages(batch, rewards, kl_coef)
+                advantages, kl_metrics = self._advantages(batch, rewards, kl, kl_coef)
             with timed(timing, "update_actor"):
+                per_rank = [{"advantages": part} for part in advantages.chunk(self.world_size)]
                 actor_metrics = mean_dicts(self.policy.dispatch(
-                    "update_policy", batch, POLICY, self._mini_batch_size(), kl_coef))
+                    "update_policy", shards, POLICY, key, mini_batch_size=self._mini_batch_size(), kl_coef=kl_coef,
+                    per_rank=per_rank))
             with timed(timing, "sync_weights"):
                 self.sync_rollout_weights()
         measured_kl = kl_metrics.get("reward/kl", actor_metrics.get("actor/kl_loss", 0.0))
@@ -61,26 +68,21 @@ class VLPOTrainer(RayTrainer):
         timing["timing_s/worker_busy"] = busy  # the slowest rank's compute; the rest of the step is driver + Ray
         timing["timing_s/driver_and_ray"] = timing["timing_s/step"] - busy
         tokens = float(batch.tensors["attention_mask"].sum())
-        return {"step": step, **gen_metrics, **rewards.metrics, **rollout_metrics(batch, rewards), **actor_metrics,
-                **kl_metrics, **timing, "actor/kl_coef": kl_coef,
-                "perf/throughput": tokens / timing["timing_s/step"] / self.world_size}
+        return {"step": step, **gen_metrics, **rewards.metrics, **rollout_metrics(batch, rewards),
+                "rollout/logprob_diff": logprob_diff(agreement), **actor_metrics, **kl_metrics, **timing,
+                "actor/kl_coef": kl_coef, "perf/throughput": tokens / timing["timing_s/step"] / self.world_size}
 
-    def _add_advantages(self, batch: Batch, rewards, kl_coef: float) -> dict:
-        """Advantages from the scores; with algorithm.use_kl_loss=false, from scores minus a per-token KL penalty
-        (EasyR1's in-reward KL between the behaviour policy and the reference)."""
+    def _advantages(self, batch: Batch, rewards, kl: torch.Tensor | None, kl_coef: float):
+        """Advantages from the scores; with a KL in the reward (algorithm.use_kl_loss=false), from the scores minus
+        kl_coef times the per-token KL between the behaviour policy and the reference (EasyR1)."""
         algorithm = self.config.algorithm
         mask = batch.tensors["response_mask"].float()
-        kl, metrics = None, {}
-        if self.uses_reference and not algorithm.use_kl_loss:
-            kl = compute_kl(batch.tensors["old_log_probs"], batch.tensors["ref_log_probs"], algorithm.kl_penalty) * mask
-            metrics["reward/kl"] = float(masked_mean(kl, mask, dim=-1).mean())
+        metrics = {} if kl is None else {"reward/kl": float(masked_mean(kl, mask, dim=-1).mean())}
         extra = {"gamma": algorithm.gamma} if algorithm.adv_estimator == "reinforce_plus_plus" else {}
         scores = torch.tensor(rewards.overall, dtype=torch.float32)
-        advantages, returns = compute_advantages(algorithm.adv_estimator, scores, mask, list(batch.non_tensors["uid"]),
-                                                 kl=kl, kl_coef=kl_coef if kl is not None else 0.0, **extra)
-        batch.tensors["advantages"] = advantages
-        batch.tensors["returns"] = returns
-        return metrics
+        advantages, _ = compute_advantages(algorithm.adv_estimator, scores, mask, list(batch.non_tensors["uid"]),
+                                           kl=kl, kl_coef=kl_coef if kl is not None else 0.0, **extra)
+        return advantages, metrics
 
     def _mini_batch_size(self) -> int:
         actor = self.config.worker.actor

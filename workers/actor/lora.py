@@ -32,3 +32,9 @@ def apply_lora(model, lora, adapters: list[str]):
 def is_adapter_key(name: str, adapter: str) -> bool:
     """Whether a parameter or state-dict key belongs to `adapter` (`...lora_A.<adapter>.weight`)."""
     return f".{adapter}." in name and ".lora_" in name
+
+
+def adapter_tensors(weights: dict, adapter: str) -> dict:
+    """`adapter`'s tensors renamed to peft's saved naming (`...lora_A.weight`): what adapter folders and the
+    rollout engines take, whatever the adapter is called inside the training model."""
+    return {key.replace(f".{adapter}.", "."): value for key, value in weights.items() if is_adapter_key(key, adapter)}

@@ -2,7 +2,8 @@
 
 Each training row becomes  prompt → `<abs_vis_token>` K×`<abs_vis_token_pad>` `</abs_vis_token>` "The answer is
 \\boxed{answer}." so the model learns to open a latent block, think in it and answer in the VLPO reward's format.
-It is the seed of the full latent SFT stages: the loss (RL/latent_sft_loss.py) is Monet's layout with text CE.
+A row with a `response` field is trained on that text instead, each `<latent>` in it becoming one latent block
+(the proposer–solver warm start). The loss (RL/latent_sft_loss.py) is Monet's layout with text CE.
 """
 from __future__ import annotations
 
@@ -16,9 +17,19 @@ from tools.cli import run_cli
 ANSWER_TEMPLATE = "The answer is \\boxed{{{answer}}}."
 
 
-def response_ids(tokenizer, tokens, answer: str, latent_size: int) -> list[int]:
-    text = tokenizer.encode(ANSWER_TEMPLATE.format(answer=answer), add_special_tokens=False)
-    return [tokens.start] + [tokens.pad] * latent_size + [tokens.end] + text + [tokens.eos]
+LATENT_MARK = "<latent>"
+
+
+def response_ids(tokenizer, tokens, item: dict, latent_size: int) -> list[int]:
+    """The target ids of a row: its `response` text (`<latent>` = one block), else a block and the boxed answer."""
+    text = item.get("extra", {}).get("response")
+    if text is None:
+        text = LATENT_MARK + ANSWER_TEMPLATE.format(answer=item["ground_truth"])
+    block = [tokens.start] + [tokens.pad] * latent_size + [tokens.end]
+    ids: list[int] = []
+    for index, piece in enumerate(text.split(LATENT_MARK)):
+        ids += (block if index else []) + tokenizer.encode(piece, add_special_tokens=False)
+    return ids + [tokens.eos]
 
 
 def collate(items: list[dict], tokenizer, tokens, latent_size: int) -> dict:
@@ -27,8 +38,8 @@ def collate(items: list[dict], tokenizer, tokens, latent_size: int) -> dict:
     from RL.latent_sft_loss import sft_labels
     from RL.protocol import left_pad, left_pad_mask
 
-    rows = [torch.cat([item["input_ids"], torch.tensor(response_ids(tokenizer, tokens, item["ground_truth"],
-                                                                     latent_size))]) for item in items]
+    rows = [torch.cat([item["input_ids"], torch.tensor(response_ids(tokenizer, tokens, item, latent_size))])
+            for item in items]
     input_ids = left_pad(rows, tokens.pad_token)
     width = input_ids.shape[1]
     lengths = torch.tensor([len(row) for row in rows])
@@ -56,7 +67,10 @@ def run_sft(config) -> Path:
     model, processor = load_latent_model(config.worker.actor.model.model_path, dtype="fp32")
     tokens, latent_size = model.latent_tokens, config.worker.rollout.latent_size
     dataset = RLPromptDataset(sft.train_files or config.data.train_files, processor, config.data)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=sft.weight_decay)
+    if sft.freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=sft.lr, weight_decay=sft.weight_decay)
     order = random.Random(sft.seed)
     model.train()
     bar = tqdm(range(sft.steps), desc="latent SFT", dynamic_ncols=True)
@@ -67,7 +81,7 @@ def run_sft(config) -> Path:
             group["lr"] = sft.lr * min(1.0, (step + 1) / max(1, sft.warmup_steps))
         loss = latent_sft_loss(model, **batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), sft.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trainable, sft.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")

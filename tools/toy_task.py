@@ -1,7 +1,11 @@
-"""A bundled toy visual task: one coloured shape on a plain background, short-answer questions about it.
+"""A bundled toy visual task: one coloured shape on a two-tone background, short-answer questions about it.
 
-It has enough structure for a tiny model to learn (colour, shape and side are all visible in the pixels) and is
-generated deterministically from a seed, so nothing is downloaded.
+It is generated deterministically from a seed, so nothing is downloaded. Each answer is visible in the *content* of
+one image token of the tiny model (tools/make_tiny_model.py: a 56x56 image is 4 merged tokens, one per 28x28 cell),
+not only in where that token sits, because the tiny model can barely tell image-token positions apart (its mRoPE
+rotates neighbouring width positions by under 2e-4 rad):
+- the shape is centred in one 28x28 cell (small jitter), so its outline falls on the same patches of one token;
+- the two halves have different greys, so the token holding the shape also shows which side it is on.
 
     python -m tools.toy_task --out examples/toy_data/generated --train 512 --val 64
 """
@@ -23,15 +27,23 @@ QUESTIONS = {
     "side": "Is the shape on the left or the right?",
 }
 IMAGE_SIZE = 56
+BACKGROUND = {"left": (245, 245, 245), "right": (170, 170, 170)}  # the two halves' greys (the side cue)
+SHAPE_SIZES = (18, 24)  # side of the shape's box in pixels; a cell is IMAGE_SIZE // 2 = 28
+JITTER = 2  # pixels the shape may move off its cell's centre
 
 
 def draw_shape(colour: str, shape: str, side: str, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+    """The shape, centred (± JITTER) in the top or bottom cell of its half, on that half's grey."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND["left"])
     draw = ImageDraw.Draw(image)
     half = IMAGE_SIZE // 2
-    size = rng.randint(14, 20)
-    x0 = rng.randint(2, half - size - 2) + (half if side == "right" else 0)
-    y0 = rng.randint(4, IMAGE_SIZE - size - 4)
+    draw.rectangle((half, 0, IMAGE_SIZE, IMAGE_SIZE), fill=BACKGROUND["right"])
+    size = rng.randint(*SHAPE_SIZES)
+    margin = (half - size) // 2
+    jitter = min(JITTER, margin)
+    last = half - 1 - size  # PIL boxes include their end pixel: a shape starting later would touch the next cell
+    x0 = min(last, margin + rng.randint(-jitter, jitter)) + (half if side == "right" else 0)
+    y0 = min(last, margin + rng.randint(-jitter, jitter)) + rng.choice((0, half))
     box = (x0, y0, x0 + size, y0 + size)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -43,28 +55,58 @@ def draw_shape(colour: str, shape: str, side: str, rng: random.Random) -> Image.
     return image
 
 
-def make_rows(split: str, count: int, image_dir: Path, rng: random.Random) -> list[dict]:
+def make_rows(split: str, count: int, out: Path, rng: random.Random) -> list[dict]:
+    """Rows of one split; each split's images go to their own folder (`images/<split>/`), so the train images
+    alone can serve as an unlabeled pool while the val labels stay held out."""
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(count):
         colour, shape, side = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIDES)
         kind = rng.choice(list(QUESTIONS))
-        name = f"{split}_{index:05d}.png"
-        draw_shape(colour, shape, side, rng).save(image_dir / name)
+        name = f"images/{split}/{split}_{index:05d}.png"
+        draw_shape(colour, shape, side, rng).save(out / name)
         answer = {"colour": colour, "shape": shape, "side": side}[kind]
         rows.append({"id": f"toy-{split}-{index:05d}", "problem": "<image>" + QUESTIONS[kind], "answer": answer,
-                     "images": [f"images/{name}"], "kind": kind})
+                     "images": [name], "kind": kind})
     return rows
 
 
-def make_toy_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 64, seed: int = 0) -> Path:
-    """Write train.jsonl, val.jsonl and images/ under `out_dir`; image paths are relative to `out_dir`."""
+def selfplay_rows(rows: list[dict], proposer_template: str, solver_template: str, latent: bool) -> list[dict]:
+    """Warm-start rows for the proposer–solver loop: each image once as a proposer prompt (target: a toy question
+    in iReasoner's tags) and once as a solver prompt (target: one reasoning step and the tagged answer). The
+    prompts are rendered from the same Jinja files the loop uses, so the two cannot drift apart."""
+    from jinja2 import Template
+
+    proposer, solver = Template(proposer_template), Template(solver_template)
+    block = "<latent>" if latent else ""
+    out = []
+    for row in rows:
+        question = row["problem"].replace("<image>", "")
+        out.append({**row, "id": row["id"] + "-proposer", "problem": "<image>" + proposer.render(content=""),
+                    "response": f"<question>{question}</question><rationale>It is visible.</rationale>"})
+        out.append({**row, "id": row["id"] + "-solver", "problem": "<image>" + solver.render(content=question),
+                    "response": f"{block}<think>Step 1: the {row['kind']} is {row['answer']}.</think>"
+                                f"<answer>{row['answer']}</answer>"})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def make_toy_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 64, seed: int = 0,
+                     selfplay_prompts: tuple[str, str] | None = None, latent: bool = True) -> Path:
+    """Write train.jsonl, val.jsonl and images/<split>/ under `out_dir` (image paths relative to `out_dir`); with
+    `selfplay_prompts` (proposer and solver Jinja files) also selfplay_sft.jsonl for the proposer–solver warm start."""
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
-        rows = make_rows(split, count, out / "images", rng)
-        with open(out / f"{split}.jsonl", "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    rows = {split: make_rows(split, count, out, rng) for split, count in (("train", n_train), ("val", n_val))}
+    for split, split_rows in rows.items():
+        write_jsonl(out / f"{split}.jsonl", split_rows)
+    if selfplay_prompts:
+        templates = [Path(path).read_text() for path in selfplay_prompts]
+        write_jsonl(out / "selfplay_sft.jsonl", selfplay_rows(rows["train"], *templates, latent=latent))
     return out
 
 
@@ -72,7 +114,10 @@ def corpus_lines() -> list[str]:
     """Text of the toy task, used to train the tiny tokenizer so these words get compact tokens."""
     words = list(COLOURS) + list(SHAPES) + list(SIDES)
     lines = list(QUESTIONS.values()) + [f"The answer is \\boxed{{{word}}}." for word in words]
-    return lines
+    tagged = [f"<question>{q}</question><rationale>It is visible.</rationale>" for q in QUESTIONS.values()]
+    tagged += [f"<think>Step 1: the {kind} is {word}.</think><answer>{word}</answer>" for kind in QUESTIONS
+               for word in words]
+    return lines + tagged
 
 
 def main() -> None:
@@ -81,8 +126,10 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--val", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--selfplay-prompts", nargs=2, metavar=("PROPOSER_JINJA", "SOLVER_JINJA"), default=None,
+                        help="also write selfplay_sft.jsonl, prompted with these templates")
     args = parser.parse_args()
-    print(make_toy_dataset(args.out, args.train, args.val, args.seed))
+    print(make_toy_dataset(args.out, args.train, args.val, args.seed, args.selfplay_prompts))
 
 
 if __name__ == "__main__":

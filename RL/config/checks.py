@@ -18,6 +18,8 @@ def problems(cfg: RootConfig, require_inputs: bool) -> Iterator[str]:
     yield from _check_rollout(cfg)
     yield from _check_algorithm(cfg)
     yield from _check_trainer(cfg)
+    yield from _check_self_evolution(cfg)
+    yield from _check_eval(cfg)
     if require_inputs and not cfg.worker.actor.model.model_path:
         yield "worker.actor.model.model_path: required (a Qwen2.5-VL model folder)"
 
@@ -190,3 +192,76 @@ def _check_trainer(cfg: RootConfig) -> Iterator[str]:
                "(letters, digits, . _ + = -)")
 
 
+def _check_self_evolution(cfg: RootConfig) -> Iterator[str]:
+    se = cfg.self_evolution
+    for key in ("proposer_prompt", "solver_prompt"):
+        if not Path(getattr(se, key)).is_file():
+            yield f"self_evolution.{key}: no such file {getattr(se, key)}"
+    for key in ("questions_per_image", "proposer_max_new_tokens", "proposer_update_freq"):
+        if getattr(se, key) < 1:
+            yield f"self_evolution.{key}: must be >= 1, got {getattr(se, key)}"
+    if not 0 <= se.warmup_frac < 1:
+        yield f"self_evolution.warmup_frac: must be in [0, 1), got {se.warmup_frac}"
+    if not 0 <= se.ema_momentum < 1:
+        yield f"self_evolution.ema_momentum: must be in [0, 1), got {se.ema_momentum}"
+    for key in ("proposer_temperature", "target_words", "entropy_sigma", "kl_target", "step_temperature"):
+        if not getattr(se, key) > 0:
+            yield f"self_evolution.{key}: must be > 0, got {getattr(se, key)}"
+    for key in ("kl_coef", "kl_rate", "len_penalty", "step_position_decay", "step_density_gamma", "soft_gamma"):
+        if getattr(se, key) < 0:
+            yield f"self_evolution.{key}: must be >= 0, got {getattr(se, key)}"
+    for key in ("step_weight_start", "step_weight_end"):
+        if not 0 <= getattr(se, key) <= 1:
+            yield f"self_evolution.{key}: must be in [0, 1], got {getattr(se, key)}"
+
+
+EVAL_CHOICES = {"method": ("direct", "dmlr", "rmm"), "strategy": ("monet", "greedy"),
+                "dmlr_init": ("model", "embedding")}
+ABLATIONS = ("zero", "shuffle", "noise", "text")
+
+
+def _check_eval(cfg: RootConfig) -> Iterator[str]:
+    ev = cfg.eval
+    for key, allowed in EVAL_CHOICES.items():
+        if getattr(ev, key) not in allowed:
+            yield f"eval.{key}: {getattr(ev, key)!r} is not one of {', '.join(allowed)}"
+    yield from _check_eval_passes(cfg)
+    for key in ("batch_size", "dmlr_tokens", "dmlr_steps", "dmlr_pairs", "dmlr_top_k", "dmlr_inject_interval",
+                "rmm_attempts", "rmm_critic_max_new_tokens", "rmm_memory_max_new_tokens"):
+        if getattr(ev, key) < 1:
+            yield f"eval.{key}: must be >= 1, got {getattr(ev, key)}"
+    for key in ("max_new_tokens", "dmlr_initial_patches", "dmlr_patch_increment", "dmlr_inject_start",
+                "dmlr_reward_threshold"):
+        if getattr(ev, key) < 0:
+            yield f"eval.{key}: must be >= 0, got {getattr(ev, key)}"
+    for key in ("dmlr_lr", "dmlr_sigma"):
+        if not getattr(ev, key) > 0:
+            yield f"eval.{key}: must be > 0, got {getattr(ev, key)}"
+    if not 0 < ev.dmlr_sigma_decay <= 1:
+        yield f"eval.dmlr_sigma_decay: must be in (0, 1], got {ev.dmlr_sigma_decay}"
+    if ev.dmlr_max_patches < max(ev.dmlr_initial_patches, 1):
+        yield (f"eval.dmlr_max_patches: must be >= 1 and >= eval.dmlr_initial_patches ({ev.dmlr_initial_patches}), "
+               f"got {ev.dmlr_max_patches}")
+    if ev.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", ev.name):
+        yield f"eval.name: {ev.name!r} must be a folder name (letters, digits, . _ + = -)"
+    memory = ev.rmm_memory_model
+    if ev.method == "rmm" and memory != "self" and not (memory.startswith("api:") and memory[4:]) and \
+            not Path(memory).is_dir():
+        yield f"eval.rmm_memory_model: {memory!r} is not self, api:<model name> or a model folder"
+
+
+def _check_eval_passes(cfg: RootConfig) -> Iterator[str]:
+    """Ablations and DMLR replace latents inside the engine: only the native engine implements that."""
+    ev = cfg.eval
+    ablations = [name for name in ev.ablate.split(",") if name]
+    unknown = [name for name in ablations if name not in ABLATIONS]
+    if unknown or len(set(ablations)) != len(ablations):
+        yield f"eval.ablate: {ev.ablate!r} must list distinct values of {', '.join(ABLATIONS)}, comma-separated"
+    if ablations and (ev.method != "direct" or ev.strategy != "monet"):
+        yield (f"eval.ablate, eval.method, eval.strategy: ablations perturb the latents of the direct pass with "
+               f"latent blocks; need method=direct and strategy=monet (got {ev.method}, {ev.strategy})")
+    needs_native = (ablations and ablations != ["text"]) or ev.method == "dmlr"
+    if needs_native and cfg.worker.rollout.name == "vllm":
+        what = "eval.method: DMLR optimises" if ev.method == "dmlr" else "eval.ablate: the ablations replace"
+        yield (f"worker.rollout.name, {what} the latents the model sees, which only the native engine "
+               "implements; set worker.rollout.name=native")

@@ -217,6 +217,8 @@ def _absolutize_paths(cfg: RootConfig) -> None:
     cfg.sft.train_files = _abs_files(cfg.sft.train_files)
     data.image_dir = _abs(data.image_dir) if data.image_dir else ""
     data.format_prompt = _abs(data.format_prompt, repo_fallback=True) if data.format_prompt else ""
+    for key in ("proposer_prompt", "solver_prompt"):
+        setattr(cfg.self_evolution, key, _abs(getattr(cfg.self_evolution, key), repo_fallback=True))
     model = cfg.worker.actor.model
     model.model_path = _abs_if_local(model.model_path)
     model.tokenizer_path = _abs_if_local(model.tokenizer_path)

@@ -121,7 +121,8 @@ class ActorConfig:
 # ------------------------------------------------------------------------------------------------------- rollout
 @dataclass
 class MonetConfig:
-    latent_noise_std: float = 0.0  # exploration noise added to each recorded latent
+    latent_noise_std: float = 0.0  # exploration noise added to each recorded latent (0: no latent gradient)
+    latent_noise_scale: str = "absolute"  # absolute: std per dimension | rms: std x the hidden state's RMS
     select_acc_threshold: float = 0.6  # online difficulty sampling keeps groups with accuracy in (0, threshold]
 
 
@@ -231,6 +232,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     log_every: int = 10
     seed: int = 0
+    freeze_vision_tower: bool = False  # train the language model only (the vision tower keeps its weights)
     train_files: Any = ""  # "" = data.train_files
     output_dir: str = ""  # "" = <run_dir>/sft_model
 
@@ -273,6 +275,49 @@ class SelfEvolutionConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation with latent reasoning: `python -m RL.evaluate MODEL_DIR data.val_files=F [method=...] [ablate=...]`.
+
+    Items come from `data.val_files` (the project's rows, DMLR's JSON list or a VLMEvalKit TSV); answers are judged as
+    in training (`worker.rule_based_judge`); each pass writes `<save_dir>/<name>/<pass>.jsonl`, resumable by item.
+    """
+
+    name: str = ""  # output folder <save_dir>/<name>; "" = <model folder>-<first data file stem>
+    save_dir: str = "runs/eval"
+    method: str = "direct"  # direct | dmlr (test-time latent optimisation) | rmm (reasoning-memory loop)
+    ablate: str = ""  # comma-separated zero,shuffle,noise,text: the direct pass, then each ablation of its latents
+    strategy: str = "monet"  # monet: greedy text with latent blocks | greedy: text only
+    max_new_tokens: int = 0  # 0 = data.max_response_length
+    batch_size: int = 32  # items per generation round (split over the workers); also the unit of resumption
+    category_column: str = "category"  # accuracy per value of this column, when the data has it
+    seed: int = 1
+    resume: bool = True  # false: start every pass over
+    # DMLR: antithetic evolution strategies on n thought latents, confidence reward; defaults from the paper
+    dmlr_tokens: int = 4
+    dmlr_steps: int = 15
+    dmlr_lr: float = 1.0e-3
+    dmlr_sigma: float = 0.1  # relative to the RMS of the initial thoughts (the paper's "10%")
+    dmlr_sigma_decay: float = 0.95
+    dmlr_pairs: int = 1  # antithetic pairs per step (2 candidates each)
+    dmlr_top_k: int = 10  # the reward is the mean top-k negative log-probability at the thoughts and the next position
+    dmlr_init: str = "model"  # model: the model's own latent block | embedding: <|endoftext|>'s embedding (released)
+    dmlr_inject: bool = True  # dynamic visual injection of image patches selected per thought
+    dmlr_initial_patches: int = 2  # patches per thought at the start (m)
+    dmlr_patch_increment: int = 2  # patches tried per thought at each injection step, kept if the reward improves
+    dmlr_max_patches: int = 16  # per thought
+    dmlr_inject_start: int = 0  # first step with an injection trial
+    dmlr_inject_interval: int = 1
+    dmlr_inject_in_decode: bool = True  # the final decode sees the injected patches too (released code: false)
+    dmlr_reward_threshold: float = 0.0  # > 0: stop optimising once the best evaluated reward reaches it
+    # RMM: reason -> self-critique (never sees the gold answer) -> typed memory -> retry with the memory in the prompt
+    rmm_attempts: int = 3
+    rmm_memory_model: str = "self"  # self (the evaluated model) | a local Qwen2.5-VL folder | api:<model name>
+    rmm_api_base_url: str = ""  # endpoint of api:<model name> ("" = the provider's, as for the judge)
+    rmm_critic_max_new_tokens: int = 256
+    rmm_memory_max_new_tokens: int = 256
+
+
+@dataclass
 class RootConfig:
     data: DataConfig = field(default_factory=DataConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -280,6 +325,7 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     self_evolution: SelfEvolutionConfig = field(default_factory=SelfEvolutionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def world_size(self) -> int:
@@ -295,6 +341,7 @@ CHOICES: dict[str, tuple] = {
     "worker.ref.fsdp.torch_dtype": ("fp32", "bf16"),
     "worker.rollout.name": ("native", "vllm", "auto"),
     "worker.rollout.sampling_strategy": ("monet", "sample", "greedy"),
+    "worker.rollout.monet.latent_noise_scale": ("absolute", "rms"),
     "worker.rollout.dtype": ("fp32", "bf16", "fp16"),
     "algorithm.adv_estimator": ("grpo", "rloo", "reinforce_plus_plus"),
     # EasyR1's `full` needs both full vocabulary distributions in one pass; it is refused rather than half-done.

@@ -1,0 +1,104 @@
+"""Answer one prompt with latent reasoning, from any checkpoint of this project (a merged model included).
+
+    python -m tools.generate --model DIR --image X [--image Y] --prompt "..." [--strategy monet|greedy|sample]
+        [--engine native|vllm] [--max-new-tokens N] [--latent-size K] [--temperature T] [--n N] [--seed S]
+
+Plain transformers `generate` cannot run these models: it never feeds a latent, so after `<abs_vis_token>` the model
+sees its own pad tokens and keeps opening blocks. This runs the project's engines, which feed each latent step the
+previous hidden state, and prints each response with its latent blocks rendered as `<latent×K>` (K steps).
+`monet` (default) is greedy text with latent blocks (temperature 0) unless --temperature is given.
+"""
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+from tools.cli import ArgumentParser, UsageError, run_cli
+
+STRATEGIES = ("monet", "greedy", "sample")
+
+
+def parse_args(argv: list[str]):
+    parser = ArgumentParser(prog="python -m tools.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a Qwen2.5-VL folder of this project (SFT, RL or merged)")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    parser.add_argument("--prompt", required=True, help="the question; <image> marks where images go (default: first)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="monet")
+    parser.add_argument("--engine", choices=("native", "vllm"), default="native")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--latent-size", type=int, default=None,
+                        help="K latent steps per block, as trained (default LATENT_SIZE, else 10)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: 0 for monet and greedy, 1 for sample")
+    parser.add_argument("--n", type=int, default=1, help="responses to sample")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="default: bf16 on GPU, else fp32")
+    args = parser.parse_args(argv)
+    if not Path(args.model).is_dir():
+        raise UsageError(f"--model: no such folder {args.model}")
+    missing = [path for path in args.image if not Path(path).is_file()]
+    if missing:
+        raise UsageError(f"--image: no such file {missing[0]}")
+    if args.max_new_tokens < 1 or args.n < 1 or (args.latent_size is not None and args.latent_size < 1):
+        raise UsageError("--max-new-tokens, --n and --latent-size must be >= 1")
+    if args.strategy == "sample" and args.temperature == 0:
+        raise UsageError("--temperature 0 with --strategy sample is greedy decoding: use --strategy greedy")
+    return args
+
+
+def build_prompt(processor, text: str, image_paths: list[str]):
+    """The chat-templated prompt with its images, fitted to the processor's pixel range as the datasets do."""
+    from RL.data import load_image
+    from RL.data.prompts import IMAGE_MARKER
+    from RL.evaluate.prompts import encode
+
+    size = processor.image_processor.size
+    limits = types.SimpleNamespace(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    images = [load_image(path, None, limits.min_pixels, limits.max_pixels) for path in image_paths]
+    if images and IMAGE_MARKER not in text:
+        text = IMAGE_MARKER * len(images) + text
+    if text.count(IMAGE_MARKER) != len(images):
+        raise UsageError(f"--prompt has {text.count(IMAGE_MARKER)} <image> markers for {len(images)} --image files")
+    return encode(processor, text, images, limits)
+
+
+def build_engine(args, dtype: str):
+    if args.engine == "vllm":
+        from workers.rollout.vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(args.model, types.SimpleNamespace(dtype=dtype), seed=args.seed)
+    import torch
+
+    from monet_models.transformers import load_latent_model
+    from workers.rollout.native import NativeRolloutEngine
+
+    model, processor = load_latent_model(args.model, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return NativeRolloutEngine(model.to(device).eval(), processor.tokenizer)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)  # refused before torch loads
+    import torch
+
+    from monet_models import load_processor
+    from monet_models.latent_tokens import LatentTokens, default_latent_size
+    from RL.trainer.rollout_batch import render_response
+    from workers.rollout.base import SamplingParams
+
+    processor = load_processor(args.model)
+    prompt = build_prompt(processor, args.prompt, args.image)
+    temperature = args.temperature if args.temperature is not None else (1.0 if args.strategy == "sample" else 0.0)
+    params = SamplingParams(n=args.n, temperature=temperature, max_new_tokens=args.max_new_tokens,
+                            strategy=args.strategy, latent_size=args.latent_size or default_latent_size(),
+                            seed=args.seed)
+    engine = build_engine(args, args.dtype or ("bf16" if torch.cuda.is_available() else "fp32"))
+    tokens = LatentTokens.from_tokenizer(processor.tokenizer)
+    for sample in engine.generate([prompt], params):
+        prefix = f"[{sample.sample_index}] " if args.n > 1 else ""
+        print(prefix + render_response(processor.tokenizer, sample.response_ids, tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -81,6 +81,16 @@ def test_two_rank_step_saves_and_resumes_at_world_size_one(sft_model):
     assert (Path(resumed.run_dir) / "step_000003" / "SAVE_OK").exists()
 
 
+def test_hybrid_sharding_trains_and_its_checkpoint_loads_unsharded(sft_model):
+    model, data, root = sft_model
+    _, metrics = train(overrides(root, data, model, "hsdp", **{
+        "trainer.n_gpus_per_node": 2, "worker.actor.fsdp.fsdp_size": 1, "trainer.max_steps": 1, "trainer.save_freq": 1}))
+    assert metrics[-1]["rollout/logprob_diff"] < 1e-4 and metrics[-1]["actor/grad_norm"] > 0
+    _, metrics = train(overrides(root, data, model, "hsdp", **{
+        "trainer.n_gpus_per_node": 1, "trainer.max_steps": 2, "trainer.save_freq": -1}))
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["rollout/logprob_diff"] < 1e-4
+
+
 def test_merged_model_logits_equal_the_trained_actor(sft_model):
     from monet_models.transformers import load_latent_model
     from tests.helpers import coloured_image, encode_prompts

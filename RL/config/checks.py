@@ -101,6 +101,10 @@ def _check_actor(cfg: RootConfig) -> Iterator[str]:
         yield (f"worker.actor.global_batch_size, worker.rollout.n, trainer.n_gpus_per_node, trainer.nnodes: "
                f"global_batch_size x n ({actor.global_batch_size * n} samples) must split evenly over "
                f"{cfg.world_size} devices")
+    fsdp_size = actor.fsdp.fsdp_size
+    if fsdp_size == 0 or fsdp_size < -1 or (fsdp_size > 0 and cfg.world_size % fsdp_size):
+        yield (f"worker.actor.fsdp.fsdp_size: -1 (shard over all devices) or a divisor of the {cfg.world_size} "
+               f"devices, got {fsdp_size}")
     for key in ("clip_ratio_low", "clip_ratio_high", "max_grad_norm"):
         if getattr(actor, key) < 0:
             yield f"worker.actor.{key}: must be >= 0, got {getattr(actor, key)}"

@@ -82,14 +82,16 @@ class OptimConfig:
 
 @dataclass
 class FSDPConfig:
-    torch_dtype: str = "bf16"  # fp32 | bf16: parameter dtype of the trained model
-    enable_full_shard: bool = True
-    enable_rank0_init: bool = True
-    fsdp_size: int = -1  # -1 = shard over all devices
+    torch_dtype: str = "bf16"  # fp32 | bf16: compute dtype (mixed precision over fp32 master weights)
+    enable_full_shard: bool = True  # false keeps gathered parameters between forward and backward
+    fsdp_size: int = -1  # -1 = shard over all devices; k = shard within groups of k, replicate across (HSDP)
 
 
 @dataclass
 class OffloadConfig:
+    """CPU offload (GPU only). FSDP2 keeps the optimizer state beside the parameter shards, so either key offloads
+    the shards, their gradients and the optimizer state together."""
+
     offload_params: bool = False
     offload_optimizer: bool = False
 

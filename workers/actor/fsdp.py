@@ -12,14 +12,15 @@ def device_type() -> str:
 
 
 def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
-                offload_params: bool = False):
-    """fully_shard every decoder layer and vision block, then the root, over all ranks (gloo on CPU, NCCL on GPU).
+                offload_params: bool = False, fsdp_size: int = -1):
+    """fully_shard every decoder layer and vision block, then the root (gloo on CPU, NCCL on GPU).
 
     reshard_after_forward=False keeps gathered parameters between forward and backward (ZeRO-2-like);
-    offload_params keeps the shards in CPU memory between uses (only meaningful on GPUs).
+    offload_params keeps the shards (and so the optimizer state next to them) in CPU memory between uses (GPU only);
+    0 < fsdp_size < world shards within groups of fsdp_size ranks and replicates across groups (HSDP: e.g. shard
+    inside a node, replicate over nodes).
     """
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device_type(), (world,))
+    mesh = device_mesh(dist.get_world_size(), fsdp_size)
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -30,6 +31,15 @@ def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None, 
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def device_mesh(world: int, fsdp_size: int):
+    """1-D over all ranks, or 2-D (replicate, shard) for hybrid sharding."""
+    if fsdp_size <= 0 or fsdp_size >= world:
+        return init_device_mesh(device_type(), (world,))
+    if world % fsdp_size:
+        raise ValueError(f"worker.actor.fsdp.fsdp_size={fsdp_size} must divide the {world} ranks")
+    return init_device_mesh(device_type(), (world // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
 
 
 def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:

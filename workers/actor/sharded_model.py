@@ -39,7 +39,8 @@ class ShardedModel:
         compute_dtype = DTYPES[fsdp.torch_dtype]
         mixed = compute_dtype if model.dtype != compute_dtype else None
         self.module = shard_model(model, param_dtype=mixed, reshard_after_forward=fsdp.enable_full_shard,
-                                  offload_params=offload.offload_params)
+                                  offload_params=offload.offload_params or offload.offload_optimizer,
+                                  fsdp_size=fsdp.fsdp_size)
 
     # ---- which weights compute ---------------------------------------------------------------------------------
     @contextmanager

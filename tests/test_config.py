@@ -33,7 +33,7 @@ def test_defaults_load_with_derived_fields(monkeypatch):
     assert cfg.worker.rollout.response_length == cfg.data.max_response_length
     assert cfg.worker.actor.kl_penalty == cfg.algorithm.kl_penalty and cfg.worker.actor.use_kl_loss
     assert cfg.worker.ref.monet_rl_sigma == cfg.worker.actor.monet_rl_sigma
-    assert cfg.worker.actor.model.tokenizer_path == "/models/tiny"
+    assert cfg.worker.actor.model.model_path == "/models/tiny"
     assert Path(cfg.data.train_files).is_absolute()
     assert Path(cfg.data.format_prompt).is_file()  # the bundled Jinja file, found from any working directory
     assert cfg.trainer.run_dir == str(Path("runs").resolve() / cfg.trainer.experiment_name)
@@ -145,7 +145,7 @@ def test_redaction_in_written_yaml(tmp_path):
     assert written["worker"]["rule_based_judge"]["api_kwargs"]["api_key"] == "***"
     assert written["worker"]["reward"]["reward_function_kwargs"]["hf_token"] == "***"
     assert written["data"]["prompt_key"] == "problem"  # column names and tokenizer paths are no secrets
-    assert written["worker"]["actor"]["model"]["tokenizer_path"] == "/models/tiny"
+    assert written["worker"]["actor"]["model"]["model_path"] == "/models/tiny"
     assert written["worker"]["rule_based_judge"]["api_kwargs"]["max_tokens"] == 1024
     assert "sk-very-secret" in to_yaml(cfg, redact=False)
 
@@ -224,11 +224,10 @@ def test_non_finite_values_in_yaml_lists_and_dicts_are_refused(tmp_path):
 def test_empty_value_is_empty_string_or_none():
     """`key=` is what bash leaves of `key=''`: "" for plain fields, None for Optional ones."""
     cfg = load("worker.rule_based_judge.api_name=", "data.val_files=", "data.format_prompt=",
-               "worker.ref.monet_rl_sigma=", "trainer.max_steps=", "worker.actor.model.tokenizer_path=")
+               "worker.ref.monet_rl_sigma=", "trainer.max_steps=")
     assert cfg.worker.rule_based_judge.api_name == "" and cfg.data.val_files == "" and cfg.data.format_prompt == ""
     assert cfg.trainer.max_steps is None
     assert cfg.worker.ref.monet_rl_sigma == cfg.worker.actor.monet_rl_sigma  # None: the actor's
-    assert cfg.worker.actor.model.tokenizer_path == cfg.worker.actor.model.model_path  # None: the model's
     assert "worker.rollout.n" in refused("worker.rollout.n=")  # a number can not be empty
 
 

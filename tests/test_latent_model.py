@@ -150,3 +150,12 @@ def test_stock_generate_still_works_on_the_latent_subclass(model_and_processor):
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)
     prompt_len = enc["input_ids"].shape[1]
     assert torch.equal(out[:, :prompt_len], enc["input_ids"]) and prompt_len < out.shape[1] <= prompt_len + 4
+
+
+def test_config_overrides_reach_the_loaded_model(tiny_model_dir):
+    """`worker.actor.model.override_config` replaces config.json fields at load."""
+    from monet_models.transformers import load_latent_model
+
+    model, _ = load_latent_model(tiny_model_dir, config_overrides={"use_cache": False})
+    assert model.config.use_cache is False
+    assert load_latent_model(tiny_model_dir)[0].config.use_cache is not False

@@ -53,11 +53,13 @@ class PolicyWorker(DistributedWorker):
             from workers.rollout.vllm_engine import VLLMRolloutEngine
 
             seed = derive_seed(rollout.seed, "engine", self.rank)
-            self.engine = VLLMRolloutEngine.from_config(path, rollout, seed, lora if self.adapters else None)
+            self.engine = VLLMRolloutEngine.from_config(path, rollout, seed, lora if self.adapters else None,
+                                                        dict(self.config.worker.actor.model.override_config))
             return
         from workers.rollout.native import NativeRolloutEngine
 
-        model, processor = load_latent_model(path, dtype=rollout.dtype)
+        overrides = self.config.worker.actor.model.override_config
+        model, processor = load_latent_model(path, dtype=rollout.dtype, config_overrides=overrides)
         if self.adapters:  # the base once, with every adapter on it: no merged copy per policy
             model = apply_lora(model, lora, self.adapters).get_base_model()
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -202,8 +202,6 @@ def derive(cfg: RootConfig) -> RootConfig:
     actor.temperature = rollout.temperature
     if ref.monet_rl_sigma is None:
         ref.monet_rl_sigma = actor.monet_rl_sigma
-    if actor.model.tokenizer_path is None:
-        actor.model.tokenizer_path = actor.model.model_path
     _absolutize_paths(cfg)
     cfg.trainer.run_dir = str(Path(cfg.trainer.save_dir) / cfg.trainer.experiment_name)
     return cfg
@@ -221,7 +219,6 @@ def _absolutize_paths(cfg: RootConfig) -> None:
         setattr(cfg.self_evolution, key, _abs(getattr(cfg.self_evolution, key), repo_fallback=True))
     model = cfg.worker.actor.model
     model.model_path = _abs_if_local(model.model_path)
-    model.tokenizer_path = _abs_if_local(model.tokenizer_path)
     cfg.trainer.save_dir = _abs(cfg.trainer.save_dir)
     cfg.sft.output_dir = _abs(cfg.sft.output_dir) if cfg.sft.output_dir else ""
     reward = cfg.worker.reward

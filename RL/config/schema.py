@@ -61,11 +61,9 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     model_path: str = ""  # a local Qwen2.5-VL folder (or a hub id already in the local cache)
-    tokenizer_path: Optional[str] = None  # None = model_path
-    override_config: dict[str, Any] = field(default_factory=dict)
+    override_config: dict[str, Any] = field(default_factory=dict)  # model config fields to override at load
     enable_gradient_checkpointing: bool = True
     freeze_vision_tower: bool = False
-    trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -151,7 +149,6 @@ class RolloutConfig:
     block_size: int = 0  # vLLM KV-cache block in tokens; 0 = vLLM's default (on CPU 128; a multiple of 32 there)
     cpu_kvcache_space_gb: float = 0.0  # vLLM on CPU: KV cache GiB; 0 = vLLM's default (VLLM_CPU_KVCACHE_SPACE wins)
     repetition_penalty: float = 1.0
-    disable_tqdm: bool = False
     val_override_config: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1, "n": 1})
     # derived from data.*
     prompt_length: int = derived(0, "data.max_prompt_length")

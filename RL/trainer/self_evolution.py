@@ -75,7 +75,7 @@ class SelfEvolutionTrainer(RayTrainer):
             with timed(timing, "score"):
                 rewards = ray.get(self.batches.score_async(self.batches.reward_inputs(answers), step,
                                                            start_step=self.schedule_origin))
-                stats = question_stats(answers, self.config.worker.rollout.n)
+                stats = question_stats(answers, self.config.worker.rollout.n, self.se.entropy_mu, self.se.entropy_sigma)
             metrics = {**step_metrics(proposals, answers, rewards, stats)}
             with timed(timing, "update_solver"):
                 metrics.update(self.update("solver", answers, np.asarray(rewards.overall)))
@@ -187,14 +187,14 @@ class SelfEvolutionTrainer(RayTrainer):
         ray.kill(self.reward)
 
 
-def question_stats(answers: Batch, n: int) -> dict:
+def question_stats(answers: Batch, n: int, mu: float, sigma: float) -> dict:
     """Per question: majority share, answer entropy and the proposer's band-pass reward of its N answers."""
     texts = answers.non_tensors["response_text"]
     per_question = [[solver_answer(t) for t in texts[i:i + n]] for i in range(0, len(texts), n)]
     stats = [answer_stats(group) for group in per_question]
     return {"majority_share": np.array([s.counts[s.majority] / n for s in stats]),
             "entropy": np.array([s.entropy for s in stats]),
-            "proposer_reward": np.array([proposer_reward(group)["overall"] for group in per_question])}
+            "proposer_reward": np.array([proposer_reward(group, mu, sigma)["overall"] for group in per_question])}
 
 
 def step_metrics(proposals: Batch, answers: Batch, rewards, stats: dict) -> dict:

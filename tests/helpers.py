@@ -18,3 +18,21 @@ def encode_prompts(processor, questions, images):
         for question in questions
     ]
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+ENGINE_QUESTIONS = ["What colour is the shape?", "Which?", "Describe the picture in a few words please"]
+
+
+def native_engine_and_prompts(model_dir):
+    """(model, processor, native engine, encoded batch, PromptInputs) of three image prompts of different lengths and
+    image sizes (left padding included): what the engine tests share."""
+    from monet_models.transformers import load_latent_model
+    from workers.rollout import NativeRolloutEngine, prompt_inputs_from_batch
+
+    model, processor = load_latent_model(model_dir, dtype="fp32")
+    engine = NativeRolloutEngine(model.eval(), processor.tokenizer)
+    enc = encode_prompts(processor, ENGINE_QUESTIONS, [coloured_image(), coloured_image((0, 200, 0), 84),
+                                                       coloured_image((0, 0, 200), 112)])
+    prompts = prompt_inputs_from_batch(enc["input_ids"], enc["attention_mask"], model.config.image_token_id,
+                                       enc["pixel_values"], enc["image_grid_thw"])
+    return model, processor, engine, enc, prompts

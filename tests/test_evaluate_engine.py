@@ -3,24 +3,18 @@ nothing else (tiny model, native engine, CPU)."""
 import pytest
 import torch
 
-from monet_models.transformers import load_latent_model, sequence_log_probs
-from tests.helpers import coloured_image, encode_prompts
+from monet_models.transformers import sequence_log_probs
 from tests.test_rollout_native import check_layout, rescore
-from workers.rollout import NativeRolloutEngine, SamplingParams, prompt_inputs_from_batch
+from workers.rollout import SamplingParams
 from workers.rollout.base import check_latent_override
+from tests.helpers import native_engine_and_prompts
 
 K = 3
-QUESTIONS = ["What colour is the shape?", "Which?", "Describe the picture in a few words please"]
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    model, processor = load_latent_model(tiny_model_dir, dtype="fp32")
-    engine = NativeRolloutEngine(model.eval(), processor.tokenizer)
-    enc = encode_prompts(processor, QUESTIONS, [coloured_image(), coloured_image((0, 200, 0), 84),
-                                                coloured_image((0, 0, 200), 112)])
-    prompts = prompt_inputs_from_batch(enc["input_ids"], enc["attention_mask"], model.config.image_token_id,
-                                       enc["pixel_values"], enc["image_grid_thw"])
+    model, processor, engine, _, prompts = native_engine_and_prompts(tiny_model_dir)
     return model, processor, engine, prompts
 
 

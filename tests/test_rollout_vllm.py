@@ -18,25 +18,19 @@ except Exception as error:  # torchvision's CUDA build raises RuntimeError, not 
                 allow_module_level=True)
 
 from monet_models.transformers import load_latent_model, sequence_log_probs  # noqa: E402
-from tests.helpers import coloured_image, encode_prompts  # noqa: E402
 from tests.test_rollout_native import check_layout, rescore  # noqa: E402
-from workers.rollout import NativeRolloutEngine, PromptInput, SamplingParams, prompt_inputs_from_batch  # noqa: E402
+from workers.rollout import NativeRolloutEngine, PromptInput, SamplingParams  # noqa: E402
 from workers.rollout.vllm_engine import VLLMRolloutEngine  # noqa: E402
+from tests.helpers import native_engine_and_prompts  # noqa: E402
 
 K = 3
-QUESTIONS = ["What colour is the shape?", "Which?", "Describe the picture in a few words please"]
 SETTINGS = types.SimpleNamespace(dtype="fp32", max_num_seqs=16, max_num_batched_tokens=2048, max_model_len=1024,
                                  block_size=32, cpu_kvcache_space_gb=0.25, limit_images=2)
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    model, processor = load_latent_model(tiny_model_dir, dtype="fp32")
-    native = NativeRolloutEngine(model.eval(), processor.tokenizer)
-    enc = encode_prompts(processor, QUESTIONS, [coloured_image(), coloured_image((0, 200, 0), 84),
-                                                coloured_image((0, 0, 200), 112)])
-    prompts = prompt_inputs_from_batch(enc["input_ids"], enc["attention_mask"], model.config.image_token_id,
-                                       enc["pixel_values"], enc["image_grid_thw"])
+    model, processor, native, _, prompts = native_engine_and_prompts(tiny_model_dir)
     engine = VLLMRolloutEngine(tiny_model_dir, SETTINGS, seed=0, lora_rank=8)
     yield model, processor, native, engine, prompts
     del engine

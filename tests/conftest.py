@@ -49,3 +49,24 @@ def vlpo_sft_model(tmp_path_factory, toy_data_dir):
     config = load_config(overrides(root, toy_data_dir, base, "sft") + [
         "sft.steps=25", "sft.batch_size=8", f"sft.output_dir={root / 'sft'}"])
     return str(run_sft(config)), toy_data_dir, root
+
+
+@pytest.fixture(scope="session")
+def selfplay_model(tmp_path_factory):
+    """The tiny model briefly warm-started on the toy proposer/solver formats, and the toy images."""
+    from RL.config import load_config
+    from RL.sft import run_sft
+    from tests.test_self_evolution import CONFIG, REPO
+    from tools.make_tiny_model import build_tiny_model
+    from tools.toy_task import make_toy_dataset
+
+    root = tmp_path_factory.mktemp("selfplay")
+    prompts = (str(REPO / "examples/format_prompt/toy_proposer.jinja"),
+               str(REPO / "examples/format_prompt/toy_solver.jinja"))
+    data = make_toy_dataset(root / "toy", n_train=32, n_val=8, seed=0, selfplay_prompts=prompts)
+    base = build_tiny_model(root / "tiny", seed=0)
+    config = load_config([f"config={CONFIG}", f"worker.actor.model.model_path={base}",
+                          f"data.train_files={data}/selfplay_sft.jsonl", "data.image_dir=", "worker.rollout.latent_size=3",
+                          "sft.steps=30", "sft.batch_size=8", "sft.lr=3e-3", f"sft.output_dir={root / 'sft'}"],
+                         require_inputs=False)
+    return str(run_sft(config)), data, root

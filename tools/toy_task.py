@@ -7,7 +7,11 @@ rotates neighbouring width positions by under 2e-4 rad):
 - the shape is centred in one 28x28 cell (small jitter), so its outline falls on the same patches of one token;
 - the two halves have different greys, so the token holding the shape also shows which side it is on.
 
-    python -m tools.toy_task --out examples/toy_data/generated --train 512 --val 64
+    python -m tools.toy_task --out examples/toy_data/generated --train 512 --val 64 [--sft]
+
+With --sft it also writes the latent-SFT rows of the train split, whose auxiliary (Monet) or helper (Mirage) image
+is a zoomed view of the shape's cell: `sft_monet.json` (Monet's interleaved chains: the zoom, an <observation> of
+it, the answer) and `sft_mirage.jsonl` (Mirage's rows: the zoom as the helper image of one latent block).
 """
 from __future__ import annotations
 
@@ -65,16 +69,17 @@ def make_rows(split: str, count: int, out: Path, rng: random.Random) -> list[dic
         kind = rng.choice(list(QUESTIONS))
         name = f"images/{split}/{split}_{index:05d}.png"
         draw_shape(colour, shape, side, rng).save(out / name)
-        answer = {"colour": colour, "shape": shape, "side": side}[kind]
-        rows.append({"id": f"toy-{split}-{index:05d}", "problem": "<image>" + QUESTIONS[kind], "answer": answer,
-                     "images": [name], "kind": kind})
+        facts = {"colour": colour, "shape": shape, "side": side}
+        rows.append({"id": f"toy-{split}-{index:05d}", "problem": "<image>" + QUESTIONS[kind], "answer": facts[kind],
+                     "images": [name], "kind": kind, "facts": facts})
     return rows
 
 
 def selfplay_rows(rows: list[dict], proposer_template: str, solver_template: str, latent: bool) -> list[dict]:
     """Warm-start rows for the proposer–solver loop: each image once as a proposer prompt (target: a toy question
-    in iReasoner's tags) and once as a solver prompt (target: one reasoning step and the tagged answer). The
-    prompts are rendered from the same Jinja files the loop uses, so the two cannot drift apart."""
+    in iReasoner's tags) and once per question kind as a solver prompt (target: one reasoning step and the tagged
+    answer; every kind, so the warm start learns to read colour, shape and side from every image). The prompts are
+    rendered from the same Jinja files the loop uses, so the two cannot drift apart."""
     from jinja2 import Template
 
     proposer, solver = Template(proposer_template), Template(solver_template)
@@ -84,10 +89,44 @@ def selfplay_rows(rows: list[dict], proposer_template: str, solver_template: str
         question = row["problem"].replace("<image>", "")
         out.append({**row, "id": row["id"] + "-proposer", "problem": "<image>" + proposer.render(content=""),
                     "response": f"<question>{question}</question><rationale>It is visible.</rationale>"})
-        out.append({**row, "id": row["id"] + "-solver", "problem": "<image>" + solver.render(content=question),
-                    "response": f"{block}<think>Step 1: the {row['kind']} is {row['answer']}.</think>"
-                                f"<answer>{row['answer']}</answer>"})
+        for kind, answer in row["facts"].items():
+            out.append({**row, "id": f"{row['id']}-solver-{kind}", "kind": kind, "answer": answer,
+                        "problem": "<image>" + solver.render(content=QUESTIONS[kind]),
+                        "response": f"{block}<think>Step 1: the {kind} is {answer}.</think><answer>{answer}</answer>"})
     return out
+
+
+def zoom(image: Image.Image) -> Image.Image:
+    """The 28x28 cell holding the shape, scaled to the whole image: what a crop tool would show."""
+    greys = set(BACKGROUND.values())
+    pixels = image.load()
+    painted = [(x, y) for x in range(IMAGE_SIZE) for y in range(IMAGE_SIZE) if pixels[x, y] not in greys]
+    cell = IMAGE_SIZE // 2
+    column, row = painted[0][0] // cell, painted[0][1] // cell
+    box = (column * cell, row * cell, (column + 1) * cell, (row + 1) * cell)
+    return image.crop(box).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
+
+
+def sft_rows(rows: list[dict], out: Path) -> tuple[list[dict], list[dict]]:
+    """(Monet rows, Mirage rows) of `rows`, their zoomed images saved under images/aux/."""
+    (out / "images" / "aux").mkdir(parents=True, exist_ok=True)
+    monet, mirage = [], []
+    for index, row in enumerate(rows):
+        aux = f"images/aux/{Path(row['images'][0]).stem}_zoom.png"
+        image = Image.open(out / row["images"][0]).convert("RGB")
+        zoom(image).save(out / aux)
+        colour, shape, side = (row["facts"][key] for key in ("colour", "shape", "side"))
+        answer = f"The answer is \\boxed{{{row['answer']}}}."
+        monet.append({"data": [
+            {"role": "user", "content": [{"type": "image", "image": row["images"][0]},
+                                         {"type": "text", "text": row["problem"].replace("<image>", "")}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "<abs_vis_token></abs_vis_token>"}, {"type": "image", "image": aux},
+                {"type": "text", "text": f"<observation>a {colour} {shape} on the {side}</observation>{answer}"}]}],
+            "metadata": {"dataset_name": "toy", "sample_id": index}})
+        mirage.append({"text_input": row["problem"], "image_input": row["images"][0], "image_output": aux,
+                       "text_output": f"<output_image>{answer}"})
+    return monet, mirage
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -96,9 +135,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def make_toy_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 64, seed: int = 0,
-                     selfplay_prompts: tuple[str, str] | None = None, latent: bool = True) -> Path:
+                     selfplay_prompts: tuple[str, str] | None = None, latent: bool = True, sft: bool = False) -> Path:
     """Write train.jsonl, val.jsonl and images/<split>/ under `out_dir` (image paths relative to `out_dir`); with
-    `selfplay_prompts` (proposer and solver Jinja files) also selfplay_sft.jsonl for the proposer–solver warm start."""
+    `selfplay_prompts` (proposer and solver Jinja files) also selfplay_sft.jsonl for the proposer–solver warm start;
+    with `sft` the latent-SFT rows (module docstring)."""
     out = Path(out_dir)
     rng = random.Random(seed)
     rows = {split: make_rows(split, count, out, rng) for split, count in (("train", n_train), ("val", n_val))}
@@ -107,6 +147,10 @@ def make_toy_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 64, s
     if selfplay_prompts:
         templates = [Path(path).read_text() for path in selfplay_prompts]
         write_jsonl(out / "selfplay_sft.jsonl", selfplay_rows(rows["train"], *templates, latent=latent))
+    if sft:
+        monet, mirage = sft_rows(rows["train"], out)
+        (out / "sft_monet.json").write_text(json.dumps(monet) + "\n")
+        write_jsonl(out / "sft_mirage.jsonl", mirage)
     return out
 
 
@@ -128,8 +172,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--selfplay-prompts", nargs=2, metavar=("PROPOSER_JINJA", "SOLVER_JINJA"), default=None,
                         help="also write selfplay_sft.jsonl, prompted with these templates")
+    parser.add_argument("--sft", action="store_true", help="also write sft_monet.json and sft_mirage.jsonl")
     args = parser.parse_args()
-    print(make_toy_dataset(args.out, args.train, args.val, args.seed, args.selfplay_prompts))
+    print(make_toy_dataset(args.out, args.train, args.val, args.seed, args.selfplay_prompts, sft=args.sft))
 
 
 if __name__ == "__main__":

@@ -48,3 +48,20 @@ def test_colocated_vllm_run_resumes_after_sigkill_with_the_same_metrics(vlpo_sft
     assert [m["step"] for m in resumed] == [1, 2, 3]
     assert without_timing(resumed) == without_timing(reference)
     assert all(m["rollout/logprob_diff"] < 1e-4 and m["rollout/latent_blocks"] > 0 for m in resumed)
+
+
+def test_self_evolution_serves_both_adapters_from_one_vllm_engine(selfplay_model):
+    from tests.test_self_evolution import build, overrides as selfplay_overrides
+
+    trainer = build(selfplay_overrides(selfplay_model, "se_vllm", **{
+        "worker.rollout.name": "vllm", "worker.rollout.cpu_kvcache_space_gb": 0.25, "trainer.max_steps": 2,
+        "trainer.save_freq": -1, "self_evolution.proposer_update_freq": 1}))
+    try:
+        trainer.resume()  # no checkpoint: the engine receives both initial adapters
+        for step in (1, 2):
+            trainer.step = step
+            metrics = trainer.train_step(step)
+    finally:
+        trainer.shutdown()
+    assert metrics["solver/logprob_diff"] < 1e-4 and metrics["proposer/logprob_diff"] < 1e-4  # vLLM served them
+    assert metrics["solver/kl_loss"] > 0 and metrics["proposer/kl_loss"] > 0  # both moved after step 1

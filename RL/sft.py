@@ -1,99 +1,142 @@
-"""Latent SFT warm start: `python -m RL.sft worker.actor.model.model_path=DIR data.train_files=F sft.output_dir=OUT`.
+"""CLI entry: `python -m RL.sft [config=F.yaml] sft.stage=monet1|monet2|monet3|mirage1|mirage2 key=value ...`.
 
-Each training row becomes  prompt → `<abs_vis_token>` K×`<abs_vis_token_pad>` `</abs_vis_token>` "The answer is
-\\boxed{answer}." so the model learns to open a latent block, think in it and answer in the VLPO reward's format.
-A row with a `response` field is trained on that text instead, each `<latent>` in it becoming one latent block
-(the proposer–solver warm start). The loss (RL/latent_sft_loss.py) is Monet's layout with text CE.
+Latent SFT on Ray, on the same FSDP policy workers as VLPO (docs/sft.md): one update rule per stage applied to the
+`actor` policy, checkpoints in `<trainer.save_dir>/<sft.experiment_name>/step_*` (merge_model.sh reads them), metrics
+in its metrics.jsonl, and at the end the model as a Hugging Face folder in `sft.output_dir`, ready for VLPO, vLLM or
+the next stage. Re-running the same command resumes the run. The config is refused before torch or Ray is imported.
+The default stage, mirage2, is CE with the hidden-state recurrence: what the RL rows' warm starts train (a latent
+block then the boxed answer, or a given `response` in which every `<latent>` is a block).
 """
 from __future__ import annotations
 
-import random
+import copy
+import json
 import sys
 from pathlib import Path
 
-from RL.config import ConfigError, load_config
+from RL.checkpoint import complete_steps
+from RL.config import ConfigError, derive, load_config, to_yaml
 from tools.cli import run_cli
 
-ANSWER_TEMPLATE = "The answer is \\boxed{{{answer}}}."
+EXPORTED = "SFT_EXPORT.json"
 
 
-LATENT_MARK = "<latent>"
+def sft_run_config(config):
+    """The SFT run's own config: its run folder, and the actor's optimizer and model keys that sft.* overrides."""
+    config = copy.deepcopy(config)
+    sft, actor, trainer = config.sft, config.worker.actor, config.trainer
+    sft.latent_size = sft.latent_size or config.worker.rollout.latent_size
+    overrides = [(actor.optim, "lr", sft.lr), (actor.optim, "lr_warmup_steps", sft.warmup_steps),
+                 (actor.optim, "weight_decay", sft.weight_decay), (actor, "max_grad_norm", sft.max_grad_norm),
+                 (actor.model, "freeze_vision_tower", sft.freeze_vision_tower)]
+    for section, key, value in overrides:
+        if value is not None:
+            setattr(section, key, value)
+    if sft.experiment_name:
+        trainer.experiment_name = sft.experiment_name
+    elif sft.output_dir:  # the run that makes a named model sits next to it
+        trainer.save_dir, trainer.experiment_name = str(Path(sft.output_dir).parent), Path(sft.output_dir).name + "-run"
+    else:
+        trainer.experiment_name = f"{trainer.experiment_name}-sft-{sft.stage}"
+    trainer.max_steps = sft.steps
+    derive(config)
+    run_dir = Path(trainer.run_dir)
+    sft.output_dir = sft.output_dir or str(run_dir / "model")
+    targets = Path(sft.latent_targets).resolve() if sft.latent_targets else run_dir / "latent_targets"
+    sft.latent_targets = str(targets)
+    if sft.teacher_path and Path(sft.teacher_path).exists():
+        sft.teacher_path = str(Path(sft.teacher_path).resolve())
+    elif sft.stage == "monet2" and not sft.teacher_path:
+        sft.teacher_path = actor.model.model_path
+    return config
 
 
-def response_ids(tokenizer, tokens, item: dict, latent_size: int) -> list[int]:
-    """The target ids of a row: its `response` text (`<latent>` = one block), else a block and the boxed answer."""
-    text = item.get("extra", {}).get("response")
-    if text is None:
-        text = LATENT_MARK + ANSWER_TEMPLATE.format(answer=item["ground_truth"])
-    block = [tokens.start] + [tokens.pad] * latent_size + [tokens.end]
-    ids: list[int] = []
-    for index, piece in enumerate(text.split(LATENT_MARK)):
-        ids += (block if index else []) + tokenizer.encode(piece, add_special_tokens=False)
-    return ids + [tokens.eos]
-
-
-def collate(items: list[dict], tokenizer, tokens, latent_size: int) -> dict:
-    import torch  # here, not at the top: `python -m RL.sft` refuses a bad config before torch loads
-
-    from RL.latent_sft_loss import sft_labels
-    from RL.protocol import left_pad, left_pad_mask
-
-    rows = [torch.cat([item["input_ids"], torch.tensor(response_ids(tokenizer, tokens, item, latent_size))])
-            for item in items]
-    input_ids = left_pad(rows, tokens.pad_token)
-    width = input_ids.shape[1]
-    lengths = torch.tensor([len(row) for row in rows])
-    attention_mask = left_pad_mask(lengths, width)
-    prompt_ends = width - lengths + torch.tensor([len(item["input_ids"]) for item in items])
-    pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
-    grids = [item["image_grid_thw"] for item in items if item.get("image_grid_thw") is not None]
-    return {
-        "input_ids": input_ids, "attention_mask": attention_mask,
-        "labels": sft_labels(input_ids, prompt_ends, attention_mask, tokens),
-        "pixel_values": torch.cat(pixels) if pixels else None, "image_grid_thw": torch.cat(grids) if grids else None,
-    }
-
-
-def run_sft(config) -> Path:
-    import torch  # here, not at the top: `python -m RL.sft` refuses a bad config before torch loads
-    from tqdm import tqdm
-
-    from RL.data import RLPromptDataset
-    from RL.latent_sft_loss import latent_sft_loss
-    from monet_models.transformers import load_latent_model
-
+def check(config) -> None:
+    """What only this entry needs: a model, rows, and monet3's teacher or finished targets."""
+    errors = []
     sft = config.sft
-    torch.manual_seed(sft.seed)
-    model, processor = load_latent_model(config.worker.actor.model.model_path, dtype="fp32")
-    tokens, latent_size = model.latent_tokens, config.worker.rollout.latent_size
-    dataset = RLPromptDataset(sft.train_files or config.data.train_files, processor, config.data)
-    if sft.freeze_vision_tower:
-        model.model.visual.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=sft.lr, weight_decay=sft.weight_decay)
-    order = random.Random(sft.seed)
-    model.train()
-    bar = tqdm(range(sft.steps), desc="latent SFT", dynamic_ncols=True)
-    for step in bar:
-        items = [dataset[order.randrange(len(dataset))] for _ in range(sft.batch_size)]
-        batch = collate(items, processor.tokenizer, tokens, latent_size)
-        for group in optimizer.param_groups:
-            group["lr"] = sft.lr * min(1.0, (step + 1) / max(1, sft.warmup_steps))
-        loss = latent_sft_loss(model, **batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, sft.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    out = Path(sft.output_dir or Path(config.trainer.run_dir) / "sft_model")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    print(f"latent SFT model written to {out}")
+    if not config.worker.actor.model.model_path:
+        errors.append("worker.actor.model.model_path: required (the model to train)")
+    if not (sft.train_files or config.data.train_files):
+        errors.append("sft.train_files, data.train_files: one is required (the SFT rows)")
+    targets_done = (Path(sft.latent_targets) / "MANIFEST.json").is_file()
+    if sft.stage == "monet3" and not targets_done and not Path(sft.teacher_path or "/nonexistent").is_dir():
+        errors.append(f"sft.teacher_path: monet3 learns the stage-2 model's latents, and {sft.latent_targets} holds "
+                      f"none yet; give the stage-2 model folder (got {sft.teacher_path!r})")
+    if sft.stage == "monet2" and not Path(sft.teacher_path).exists():
+        errors.append(f"sft.teacher_path: no such model folder {sft.teacher_path}")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def build_trainer(config):
+    """Write the run's config.yaml, load the rows, start the workers."""
+    Path(config.trainer.run_dir).mkdir(parents=True, exist_ok=True)
+    to_yaml(config, redact=True, path=Path(config.trainer.run_dir) / "config.yaml")
+    from monet_models import load_processor  # torch and transformers: only after the checks above
+    from RL.data.sft_dataset import sft_dataset
+
+    processor = load_processor(config.worker.actor.model.model_path)
+    dataset = sft_dataset(config, processor, config.sft.latent_size)
+    per_epoch = len(dataset) // config.sft.batch_size
+    if per_epoch < 1:
+        raise ConfigError(f"sft.batch_size: {config.sft.batch_size} rows per step, but the data has {len(dataset)}")
+    total_steps = config.sft.steps or config.sft.epochs * per_epoch
+
+    from RL.trainer.sft_trainer import SFTTrainer  # imports Ray and the workers: after validation
+
+    return SFTTrainer(config, dataset, processor, total_steps)
+
+
+def finished(config) -> bool:
+    """Whether the newest checkpoint already reached the run's last step (then only the export is left)."""
+    steps = complete_steps(config.trainer.run_dir) if config.trainer.resume else []
+    if not steps:
+        return False
+    from RL.checkpoint import read_summary
+
+    total = config.sft.steps or read_summary(steps[-1][1]).get("total_steps")
+    return total is not None and steps[-1][0] >= total
+
+
+def export_model(config) -> Path:
+    """The newest checkpoint merged into sft.output_dir (a Hugging Face folder), once per checkpoint."""
+    steps = complete_steps(config.trainer.run_dir)
+    if not steps:
+        raise RuntimeError(f"{config.trainer.run_dir}: no complete checkpoint to export")
+    step, folder = steps[-1]
+    out = Path(config.sft.output_dir)
+    marker = {"run": str(config.trainer.run_dir), "step": step}
+    if (out / EXPORTED).is_file() and json.loads((out / EXPORTED).read_text()) == marker:
+        return out
+    from tools.merge_model import merge_checkpoint
+
+    merge_checkpoint(folder, "actor", out)
+    (out / EXPORTED).write_text(json.dumps(marker) + "\n")
+    print(f"latent SFT ({config.sft.stage}) model written to {out}")
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_sft(load_config(sys.argv[1:] if argv is None else argv))
+def run_sft(config) -> Path:
+    """Train (or resume) the SFT run of `config` and return the exported model folder."""
+    config = sft_run_config(config)
+    check(config)
+    if finished(config):
+        print(f"run {config.trainer.experiment_name} is complete; raise sft.steps to continue")
+    else:
+        trainer = build_trainer(config)
+        try:
+            trainer.fit()
+        finally:
+            trainer.shutdown()
+    return export_model(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = load_config(sys.argv[1:] if argv is None else argv, require_inputs=False)
+    check(sft_run_config(config))  # refused in a second, before torch is imported
+    run_sft(config)
+    return 0
 
 
 if __name__ == "__main__":

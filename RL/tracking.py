@@ -21,7 +21,7 @@ from tools.secrets import redact, secret_values  # the one home of the secret ru
 
 CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "val/accuracy", "actor/pg_loss", "actor/kl_loss",
                 "rollout/latent_blocks", "solver/self_consistency", "proposer/reward", "val/majority_accuracy",
-                "timing_s/step")
+                "sft/loss", "sft/ce", "sft/align", "timing_s/step")
 METRICS_FILE, GENERATIONS_FILE, WANDB_ID_FILE = "metrics.jsonl", "generations.jsonl", "wandb_run_id"
 
 

@@ -11,12 +11,7 @@
 #   bash examples/eval.sh runs/_embedded/tiny_sft_model config=examples/config/vlpo_tiny_cpu.yaml \
 #       data.val_files=examples/toy_data/generated/val.jsonl eval.category_column=kind ablate=zero,shuffle,noise,text
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON=python3
-export LATENT_SIZE="${LATENT_SIZE:-10}"
-export TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
-export VLLM_NO_USAGE_STATS=1 NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+source "$(dirname "$0")/common.sh"
 
 if [ "$#" -lt 1 ] || [[ "$1" == *=* ]]; then
   echo "usage: bash examples/eval.sh MODEL_DIR data.val_files=FILE [method=...] [ablate=...] [key=value ...]" >&2
@@ -25,7 +20,7 @@ fi
 model="$1"
 shift
 defaults=()
-if [ "$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")" = 0 ]; then
+if ! has_gpu; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   defaults=(worker.rollout.name=native worker.rollout.dtype=fp32 trainer.n_gpus_per_node="${EVAL_WORKERS:-2}")
 fi

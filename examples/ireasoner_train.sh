@@ -9,32 +9,21 @@
 # With no model given and no GPU, it runs the embedded default: the tiny offline Qwen2.5-VL warm-started on the toy
 # task's proposer/solver formats, then self-evolution from the toy images alone (labels held out, only measured).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON=python3
-export LATENT_SIZE="${LATENT_SIZE:-10}"
-export TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
-export VLLM_NO_USAGE_STATS=1 NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+source "$(dirname "$0")/common.sh"
 
-model_given=0
-for arg in "$@"; do
-  case "$arg" in worker.actor.model.model_path=*) model_given=1 ;; esac
-done
-has_gpu=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")
-
-if [ "$model_given" = 0 ] && [ "$has_gpu" = 0 ]; then
-  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1
-  EMBEDDED=runs/_embedded
+if ! model_given "$@" && ! has_gpu; then
+  embedded_env
   CONFIG=examples/config/ireasoner_tiny_cpu.yaml
-  TOY=examples/toy_data/generated
   if [ ! -f "$EMBEDDED/tiny_selfplay_model/SFT_OK" ]; then
     echo "== embedded default: the tiny model, the toy images and the proposer/solver warm start"
     [ -f "$EMBEDDED/tiny_model/config.json" ] || "$PYTHON" -m tools.make_tiny_model --out "$EMBEDDED/tiny_model"
     [ -f "$TOY/selfplay_sft.jsonl" ] || "$PYTHON" -m tools.toy_task --out "$TOY" \
       --selfplay-prompts examples/format_prompt/toy_proposer.jinja examples/format_prompt/toy_solver.jinja
+    # The default SFT stage (mirage2): the given responses, each <latent> a block fed back its hidden states. The
+    # full model is fine-tuned; the config's LoRA rank is for the self-evolution adapters.
     "$PYTHON" -m RL.sft config="$CONFIG" worker.actor.model.model_path="$EMBEDDED/tiny_model" \
       data.train_files="$TOY/selfplay_sft.jsonl" data.image_dir= worker.rollout.latent_size="$LATENT_SIZE" \
-      sft.output_dir="$EMBEDDED/tiny_selfplay_model" "$@"
+      worker.actor.model.lora.rank=0 sft.output_dir="$EMBEDDED/tiny_selfplay_model" "$@"
     touch "$EMBEDDED/tiny_selfplay_model/SFT_OK"
   fi
   echo "== embedded default: self-evolution on a local Ray cluster (CPU)"
@@ -42,7 +31,7 @@ if [ "$model_given" = 0 ] && [ "$has_gpu" = 0 ]; then
     worker.rollout.latent_size="$LATENT_SIZE" "$@"
 fi
 
-if [ "$model_given" = 0 ]; then
+if ! model_given "$@"; then
   echo "give the base model: worker.actor.model.model_path=/path/to/Qwen2.5-VL-7B-Instruct" >&2
   exit 2
 fi

@@ -37,8 +37,17 @@ def toy_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sft_data_dir(tmp_path_factory):
+    """The toy task with its latent-SFT rows (Monet chains with a zoomed image, Mirage rows with a helper image)."""
+    from tools.toy_task import make_toy_dataset
+
+    return str(make_toy_dataset(tmp_path_factory.mktemp("sft_data"), n_train=16, n_val=4, seed=0, sft=True))
+
+
+@pytest.fixture(scope="session")
 def vlpo_sft_model(tmp_path_factory, toy_data_dir):
-    """The tiny model after a short latent SFT, so rollouts open latent blocks: (model, data dir, run root)."""
+    """The tiny model after a short latent SFT on Ray (the default stage: a block, then the boxed answer), so rollouts
+    open latent blocks: (model, data dir, run root)."""
     from RL.config import load_config
     from RL.sft import run_sft
     from tests.test_vlpo_ray import overrides
@@ -47,7 +56,7 @@ def vlpo_sft_model(tmp_path_factory, toy_data_dir):
     root = tmp_path_factory.mktemp("vlpo")
     base = build_tiny_model(root / "tiny", seed=0)
     config = load_config(overrides(root, toy_data_dir, base, "sft") + [
-        "sft.steps=25", "sft.batch_size=8", f"sft.output_dir={root / 'sft'}"])
+        "sft.steps=25", "sft.batch_size=8", "sft.lr=3e-3", f"sft.output_dir={root / 'sft'}"])
     return str(run_sft(config)), toy_data_dir, root
 
 
@@ -67,6 +76,7 @@ def selfplay_model(tmp_path_factory):
     base = build_tiny_model(root / "tiny", seed=0)
     config = load_config([f"config={CONFIG}", f"worker.actor.model.model_path={base}",
                           f"data.train_files={data}/selfplay_sft.jsonl", "data.image_dir=", "worker.rollout.latent_size=3",
-                          "sft.steps=30", "sft.batch_size=8", "sft.lr=3e-3", f"sft.output_dir={root / 'sft'}"],
+                          "sft.steps=30", "sft.batch_size=8", "sft.lr=3e-3", f"sft.output_dir={root / 'sft'}",
+                          "worker.actor.model.lora.rank=0"],  # the warm start trains the whole model
                          require_inputs=False)
     return str(run_sft(config)), data, root

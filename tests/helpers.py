@@ -1,7 +1,25 @@
-"""Small builders shared by tests: chat prompts with images for the tiny model."""
+"""Small builders shared by tests: chat prompts with images for the tiny model, entry points run as processes."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, args: list[str], log, crash_at: str | None = None) -> subprocess.Popen:
+    """`python -m module args` in its own session (a SIGKILL reaches its Ray workers' group), output to `log`;
+    `crash_at` arms the LATENT_RL_CRASH_AT failpoint."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("LATENT_RL_CRASH_AT", None)
+    if crash_at:
+        env["LATENT_RL_CRASH_AT"] = crash_at
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def coloured_image(rgb=(200, 30, 30), size=56) -> Image.Image:

@@ -127,7 +127,7 @@ def test_packed_forward_equals_padded_forward(model_and_processor):
 
 def test_recurrent_sft_forward_feeds_previous_hidden_states(model_and_processor):
     """After the recurrence, each latent equals the hidden state one position before it (a fixed point)."""
-    from RL.latent_sft_loss import recurrent_latent_forward
+    from monet_models.transformers.latent_recurrence import recurrent_latent_forward
 
     model, processor = model_and_processor
     tokens = model.latent_tokens

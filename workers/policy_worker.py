@@ -19,6 +19,7 @@ from tools.seeding import derive_seed
 from workers.actor.lora import adapter_tensors, apply_lora, lora_config
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel
+from workers.actor.sft_losses import save_latents, sft_update, stage2_latents
 from workers.actor.updates import ppo_update
 from workers.group import DistributedWorker, timed_work
 from workers.rollout.base import SamplingParams
@@ -134,6 +135,28 @@ class PolicyWorker(DistributedWorker):
                       kl_coef: float) -> dict:
         batch.tensors.update({**self._kept.pop(key), "advantages": advantages})  # a fresh copy from the store
         return ppo_update(self.policies[policy], batch, self.config.worker.actor, mini_batch_size, kl_coef)
+
+    # ---- latent SFT (workers/actor/sft_losses.py) -----------------------------------------------------------------
+    def init_teacher(self, path: str) -> None:
+        """A frozen copy sharded over the same workers: monet2's stage-1 teacher, or the stage-2 model that writes
+        monet3's target latents. No second trainable copy exists."""
+        self.teacher = ShardedModel(path, self.config.worker.actor, trainable=False)
+
+    def release_teacher(self) -> None:
+        self.teacher = None
+
+    @timed_work
+    def update_sft(self, batch, policy: str, stage: str) -> dict:
+        """One optimizer step of latent-SFT `stage` on this rank's shard (a collective over the group)."""
+        return sft_update(self.policies[policy], batch, self.config, stage, getattr(self, "teacher", None))
+
+    @timed_work
+    def write_latent_targets(self, batch, path: str) -> int:
+        """The teacher's latents for this rank's rows, saved to `path`; returns how many rows were written."""
+        latents = stage2_latents(self.teacher, batch, self.config.sft.micro_batch_size)
+        rows = zip(batch.non_tensors["row_id"], latents, batch.non_tensors["write"])
+        save_latents(path, {row_id: value for row_id, value, write in rows if write})
+        return int(sum(batch.non_tensors["write"]))
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self, folder: str) -> None:

@@ -19,6 +19,7 @@ def problems(cfg: RootConfig, require_inputs: bool) -> Iterator[str]:
     yield from _check_algorithm(cfg)
     yield from _check_trainer(cfg)
     yield from _check_self_evolution(cfg)
+    yield from _check_sft(cfg)
     yield from _check_eval(cfg)
     if require_inputs and not cfg.worker.actor.model.model_path:
         yield "worker.actor.model.model_path: required (a Qwen2.5-VL model folder)"
@@ -217,6 +218,43 @@ def _check_self_evolution(cfg: RootConfig) -> Iterator[str]:
     for key in ("step_weight_start", "step_weight_end"):
         if not 0 <= getattr(se, key) <= 1:
             yield f"self_evolution.{key}: must be in [0, 1], got {getattr(se, key)}"
+
+
+def _check_sft(cfg: RootConfig) -> Iterator[str]:
+    sft = cfg.sft
+    if _files_list(sft.train_files) is None:
+        yield f"sft.train_files: expected a path or a list of paths, got {sft.train_files!r}"
+    for key in ("epochs", "batch_size", "micro_batch_size", "max_length"):
+        if getattr(sft, key) < 1:
+            yield f"sft.{key}: must be >= 1, got {getattr(sft, key)}"
+    for key in ("steps", "latent_size"):
+        if getattr(sft, key) is not None and getattr(sft, key) < 1:
+            yield f"sft.{key}: must be >= 1 or null, got {getattr(sft, key)}"
+    if sft.lr is not None and sft.lr <= 0:
+        yield f"sft.lr: must be > 0 or null, got {sft.lr}"
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm"):
+        if getattr(sft, key) is not None and getattr(sft, key) < 0:
+            yield f"sft.{key}: must be >= 0 or null, got {getattr(sft, key)}"
+    for key in ("ce_weight", "observation_weight", "align_weight"):
+        if getattr(sft, key) < 0:
+            yield f"sft.{key}: must be >= 0, got {getattr(sft, key)}"
+    if sft.batch_size >= 1 and sft.batch_size % cfg.world_size:
+        yield (f"sft.batch_size, trainer.n_gpus_per_node, trainer.nnodes: {sft.batch_size} rows must split evenly "
+               f"over {cfg.world_size} devices")
+    layers = sft.align_layers
+    if layers not in ("all", "last") and not (isinstance(layers, (list, tuple)) and layers and
+                                              all(isinstance(x, int) and x >= 1 for x in layers)):
+        yield f"sft.align_layers: all, last or a list of decoder layers >= 1, got {layers!r}"
+    if sft.experiment_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", sft.experiment_name):
+        yield f"sft.experiment_name: {sft.experiment_name!r} must be a folder name (letters, digits, . _ + = -)"
+    if sft.stage == "mirage1" and not _frozen_tower(cfg):
+        yield ("sft.stage, sft.freeze_vision_tower: mirage1's targets are the helper image through the vision tower, "
+               "which must stay frozen; set sft.freeze_vision_tower=true")
+
+
+def _frozen_tower(cfg: RootConfig) -> bool:
+    frozen = cfg.sft.freeze_vision_tower
+    return cfg.worker.actor.model.freeze_vision_tower if frozen is None else frozen
 
 
 EVAL_CHOICES = {"method": ("direct", "dmlr", "rmm"), "strategy": ("monet", "greedy"),

@@ -221,19 +221,37 @@ class TrainerConfig:
 
 @dataclass
 class SFTConfig:
-    """Warm start for `python -m RL.sft` (teaches the answer format before RL)."""
+    """Latent SFT on the policy workers: `python -m RL.sft stage=...` / `bash examples/sft_train.sh` (docs/sft.md).
 
-    steps: int = 200
-    lr: float = 1e-4
-    batch_size: int = 8
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    seed: int = 0
-    freeze_vision_tower: bool = False  # train the language model only (the vision tower keeps its weights)
-    train_files: Any = ""  # "" = data.train_files
-    output_dir: str = ""  # "" = <run_dir>/sft_model
+    Model, FSDP, LoRA and optimizer settings are `worker.actor.*`; the keys here that repeat one of them (lr, ...)
+    override it for the SFT run only (None keeps the actor's), so one YAML serves a warm start and the RL run after it.
+    The run lives in `<trainer.save_dir>/<sft.experiment_name>` (see that key) and uses trainer.save_freq,
+    save_limit, resume, logger, nnodes and n_gpus_per_node; re-running the command resumes it.
+    """
+
+    stage: str = "mirage2"  # monet1 | monet2 | monet3 | mirage1 | mirage2 (docs/sft.md)
+    # the run's name; "" = <output_dir>-run beside sft.output_dir if set, else <trainer.experiment_name>-sft-<stage>
+    experiment_name: str = ""
+    train_files: Any = ""  # "" = data.train_files; Monet SFT json, Mirage jsonl or RL rows (with `response`)
+    output_dir: str = ""  # the final model as a Hugging Face folder; "" = <run dir>/model
+    steps: Optional[int] = None  # optimizer steps; None = epochs x (rows // batch_size)
+    epochs: int = 1
+    batch_size: int = 8  # rows per optimizer step over all devices
+    micro_batch_size: int = 4  # rows per forward and backward on one device
+    seed: int = 0  # the data order
+    lr: Optional[float] = None  # None = worker.actor.optim.lr
+    warmup_steps: Optional[int] = None  # None = worker.actor.optim.lr_warmup_steps
+    weight_decay: Optional[float] = None  # None = worker.actor.optim.weight_decay
+    max_grad_norm: Optional[float] = None  # None = worker.actor.max_grad_norm
+    freeze_vision_tower: Optional[bool] = None  # None = worker.actor.model.freeze_vision_tower
+    latent_size: Optional[int] = None  # K of an SFT latent block; None = worker.rollout.latent_size
+    max_length: int = 8192  # rows with more tokens (images included) are skipped and counted
+    ce_weight: float = 1.0  # L = ce_weight x CE + align_weight x alignment (Mirage stage 1: 0.1)
+    observation_weight: float = 1.0  # CE weight of <observation> text (Monet: 2 in stage 1, 4 in stages 2 and 3)
+    align_weight: float = 1.0  # monet2, monet3, mirage1
+    align_layers: Any = "all"  # monet2: all | last | a list of decoder layers 1..N (N = the final hidden state)
+    teacher_path: str = ""  # monet2: the teacher ("" = the model trained, i.e. stage 1); monet3: the stage-2 model
+    latent_targets: str = ""  # monet3: folder of the stage-2 latents; "" = <run dir>/latent_targets
 
 
 @dataclass
@@ -346,6 +364,7 @@ CHOICES: dict[str, tuple] = {
     # EasyR1's `full` needs both full vocabulary distributions in one pass; it is refused rather than half-done.
     "algorithm.kl_penalty": ("kl", "abs", "mse", "low_var_kl"),
     "algorithm.kl_type": ("fixed", "adaptive"),
+    "sft.stage": ("monet1", "monet2", "monet3", "mirage1", "mirage2"),
     "self_evolution.variant": ("ireasoner", "evolmm"),
     "self_evolution.embedder": ("token", "minilm"),
     "self_evolution.advantage": ("ema_baseline", "grpo"),

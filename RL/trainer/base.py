@@ -39,6 +39,7 @@ def mean_dicts(parts: list[dict]) -> dict:
 class RayTrainer:
     title = "train"
     policy_names: tuple[str, ...] = ("actor",)
+    roles: tuple[str, ...] = ("actor", "ref", "rollout")  # PolicyWorker roles to start (SFT: the actor only)
 
     def __init__(self, config, total_steps: int, has_validation: bool):
         self.config, self.total_steps, self.has_validation = config, total_steps, has_validation
@@ -48,10 +49,11 @@ class RayTrainer:
         self.world_size = trainer.nnodes * trainer.n_gpus_per_node
         use_gpu, colocate = torch.cuda.is_available(), config.worker.placement.colocate
         self.policy = WorkerGroup(PolicyWorker, self.world_size, use_gpu, name="policy")
-        roles = ["actor", "ref"] + (["rollout"] if colocate else [])
+        rollout = "rollout" in self.roles
+        roles = [role for role in self.roles if role != "rollout"] + (["rollout"] if rollout and colocate else [])
         self.policy.call("init_roles", config, roles, list(self.policy_names), total_steps)
         self.rollout = self.policy
-        if not colocate:  # a second pool of processes that only generates; weights travel through Ray
+        if rollout and not colocate:  # a second pool of processes that only generates; weights travel through Ray
             self.rollout = WorkerGroup(PolicyWorker, self.world_size, use_gpu, name="rollout")
             self.rollout.call("init_roles", config, ["rollout"], list(self.policy_names), total_steps)
         self.checkpoints = CheckpointManager(self.run_dir, trainer.save_limit)
@@ -107,6 +109,8 @@ class RayTrainer:
         return sum(max(group.call("pop_busy_time")) for group in groups)
 
     def sync_rollout_weights(self) -> None:
+        if "rollout" not in self.roles:
+            return
         if self.rollout is self.policy:
             self.policy.call("sync_rollout_weights")
             return

@@ -1,9 +1,6 @@
 """Proposer–solver self-evolution end to end on a real local Ray cluster (gloo, CPU) with the tiny model."""
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +8,7 @@ import ray
 import torch
 
 from RL.config import load_config
+from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples/config/ireasoner_tiny_cpu.yaml"
@@ -130,12 +128,7 @@ def ray_free_state(dcp_dir):
 
 
 def run_cli(args, log, crash_at=None):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("LATENT_RL_CRASH_AT", None)
-    if crash_at:
-        env["LATENT_RL_CRASH_AT"] = crash_at
-    return subprocess.Popen([sys.executable, "-m", "RL.self_evolution", *args], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return run_module("RL.self_evolution", args, log, crash_at)
 
 
 def without_timing(metrics):

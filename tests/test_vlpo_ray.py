@@ -13,6 +13,7 @@ import torch
 
 from RL.config import load_config
 from RL.main import build_trainer
+from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples/config/vlpo_tiny_cpu.yaml"
@@ -149,13 +150,8 @@ def test_online_difficulty_sampling_keeps_mixed_groups_and_fails_clearly(sft_mod
         train(overrides(root, data, model, "ods_none", **common, **{"worker.rollout.monet.select_acc_threshold": 1e-6}))
 
 
-def run_cli(args, log, crash_at=None, module="RL.main"):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("LATENT_RL_CRASH_AT", None)
-    if crash_at:
-        env["LATENT_RL_CRASH_AT"] = crash_at
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+def run_cli(args, log, crash_at=None):
+    return run_module("RL.main", args, log, crash_at)
 
 
 def without_timing(metrics):

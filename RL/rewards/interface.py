@@ -62,7 +62,9 @@ def _load_from_file(path: str, name: str, spec: str) -> Callable:
     module_name = "_reward_fn_" + hashlib.sha1(file.encode()).hexdigest()[:12]
     module_spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    # The standard library's recipe for importing a source file: the user's own module is registered under its
+    # private name (dataclasses and pickling look it up by name); no library module is touched.
+    sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:

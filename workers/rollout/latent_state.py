@@ -1,4 +1,4 @@
-"""The latent-block state machine of DESIGN.md's token layout, independent of any engine.
+"""The latent-block state machine of the token layout of docs/design.md, independent of any engine.
 
 Each sequence is either writing text or inside a latent block. In text mode a token is sampled (never-sampled
 ids and `</abs_vis_token>` masked; `<abs_vis_token>` too when latents are off). Sampling `<abs_vis_token>` opens a

@@ -104,3 +104,42 @@ def test_given_latents_and_extra_rounds_change_nothing(model_and_processor):
     assert torch.equal(padded.logits[valid], out.logits[valid])
     assert (forced.logits[valid] - out.logits[valid]).abs().max() <= TOL
     assert (given.logits[valid] - out.logits[valid]).abs().max() > 1e-3  # other latents, other outputs
+
+
+def _rank_with_or_without_latents(rank: int, model_dir: str, port: int) -> None:
+    """One FSDP2 rank: rank 0's rows hold a latent block, rank 1's none; a recurrence forward and backward."""
+    import os
+
+    import torch.distributed as dist
+
+    from workers.actor.fsdp import shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model, _ = load_latent_model(model_dir, dtype="fp32")
+        shard_model(model.train())
+        tokens = model.latent_tokens
+        middle = [tokens.start] + [tokens.pad] * K + [tokens.end] if rank == 0 else [16, 17, 18, 19, 20]
+        ids = torch.tensor([[10, 11, 12, 13, *middle, 14, 15]] * 2)
+        mask = torch.ones_like(ids)
+        rounds = torch.tensor(count_rounds(ids, mask, tokens.pad, None))
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)  # as the SFT losses do: every rank runs the most rounds
+        out, _ = recurrent_latent_forward(model, ids, mask, rounds=int(rounds))
+        out.logits.logsumexp(-1).mean().backward()
+        assert all(p.grad is not None for name, p in model.named_parameters() if "visual" not in name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_ranks_with_and_without_latents_make_the_same_collectives(tiny_model_dir):
+    """A rank whose micro-batch has no latent runs empty rounds; its backward must gather and reduce the shards in the
+    same order as a rank with latents (before the fix gloo aborted on mismatched all-gathers)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_rank_with_or_without_latents, args=(tiny_model_dir, port), nprocs=2, join=True)

@@ -126,6 +126,6 @@ def _scatter(embeds, mask, values, what: str, where: str):
     provided = 0 if values is None else values.shape[0]
     if count != provided:
         raise ValueError(f"{provided} {what} for {count} {where}: they must match one to one")
-    if count == 0:
+    if values is None:
         return embeds
     return embeds.masked_scatter(mask.unsqueeze(-1), values.to(embeds.dtype))

@@ -177,8 +177,8 @@ class _RoundPlan:
         key_hidden = torch.where(kv >= 0, self.hidden.gather(1, kv.clamp(min=0)), 0)
         mask = (kv >= 0) & ((key_hidden == 0) | (key_hidden == self._views(r)[:, None]))
         images = None
-        image_slots = ids == base_model(self.model).config.image_token_id
-        if image_slots.any():
+        if self.image_embeds is not None:  # an empty selection too: the same graph on every rank (see _latents)
+            image_slots = ids == base_model(self.model).config.image_token_id
             images = self.image_embeds[self.image_index.gather(1, safe)[image_slots]]
         return ids, positions, mask.long(), images, self._latents(r, ids, safe, results, latents, fed)
 
@@ -186,7 +186,11 @@ class _RoundPlan:
         """The latents of round r's pads (one per sample at most: a pad always starts its chunk)."""
         rows = (ids[:, 0] == self.pad_id).nonzero().flatten().tolist()
         if not rows:
-            return None
+            # An empty slice of the source still links this round to it, so every FSDP rank's backward graph has the
+            # same shape and runs its all-gathers in the same order, whichever rank's rows hold the pads.
+            if latents is not None:
+                return latents[:0]
+            return results[r - 1].hidden[:0, -1] if r else None
         vectors = []
         for b in rows:
             index = int(self.pad_index[b, safe[b, 0]])

@@ -11,10 +11,7 @@ fi
 STEP_DIR="$1"; shift
 ROLE="${ROLE:-actor}"
 if [[ $# -gt 0 && "$1" != --* ]]; then ROLE="$1"; shift; fi
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="python3"
-[[ -x "$ROOT/.venv/bin/python" ]] && PYTHON="$ROOT/.venv/bin/python"
-[[ -d "$STEP_DIR" ]] && STEP_DIR="$(cd "$STEP_DIR" && pwd)"
-cd "$ROOT"
+[[ -d "$STEP_DIR" ]] && STEP_DIR="$(cd "$STEP_DIR" && pwd)"  # before common.sh moves to the repository root
+source "$(dirname "$0")/common.sh"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 exec "$PYTHON" -m tools.merge_model "$STEP_DIR" --role "$ROLE" "$@"

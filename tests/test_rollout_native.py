@@ -195,6 +195,15 @@ def test_compaction_changes_nothing_but_the_work(setup):
         assert (a.token_log_probs - b.token_log_probs).abs().max() <= 1e-5
 
 
+def one_prompt_at_a_time(engine, prompts, params):
+    """The same generate call with the engine limited to one prompt per batch."""
+    engine.max_batch_prompts = 1
+    try:
+        return engine.generate(prompts, params)
+    finally:
+        engine.max_batch_prompts = None
+
+
 def test_text_only_prompt_and_chunking(setup):
     model, processor, engine, _, prompts = setup
     text = processor.tokenizer("Hello there", return_tensors="pt")["input_ids"][0]
@@ -202,11 +211,7 @@ def test_text_only_prompt_and_chunking(setup):
     mixed = [prompts[0], PromptInput(text), prompts[1]]
     params = SamplingParams(strategy="greedy", max_new_tokens=8)
     together = engine.generate(mixed, params)
-    engine.max_batch_prompts = 1
-    try:
-        apart = engine.generate(mixed, params)
-    finally:
-        engine.max_batch_prompts = None
+    apart = one_prompt_at_a_time(engine, mixed, params)
     assert [s.prompt_index for s in apart] == [0, 1, 2]
     for a, b in zip(together, apart):
         assert a.response_ids.tolist() == b.response_ids.tolist()
@@ -220,11 +225,7 @@ def test_latent_noise_is_drawn_per_request_from_its_seed(setup):
     params = SamplingParams(strategy="monet", n=2, temperature=0, max_new_tokens=12, latent_size=K,
                             latent_noise_std=noise, seed=11, logit_bias={tokens.start: 5.0})
     together = engine.generate(prompts, params)
-    engine.max_batch_prompts = 1
-    try:
-        apart = engine.generate(prompts, params)
-    finally:
-        engine.max_batch_prompts = None
+    apart = one_prompt_at_a_time(engine, prompts, params)
     ids, out, _ = rescore(model, processor, prompts, together)
     means = out.hidden_states[:, :-1][ids[:, 1:] == tokens.pad]
     offset = 0

@@ -7,7 +7,7 @@
 # with the same trainer.experiment_name resumes from its newest complete checkpoint. LATENT_SIZE sets K.
 # With no model given and no GPU, it runs the embedded default: a tiny Qwen2.5-VL built offline, warm-started
 # with the latent SFT chain on the bundled toy task (Monet stages 1 -> 2 -> 3, examples/sft_train.sh), then trained
-# with VLPO from the stage-3 model on a local Ray cluster (about 5 minutes on 2 CPU cores).
+# with VLPO from the stage-3 model on a local Ray cluster (about 4.5 minutes on 2 CPU cores).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 

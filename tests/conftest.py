@@ -1,5 +1,6 @@
 """Shared fixtures: an offline environment and one tiny Qwen2.5-VL per test session."""
 import os
+import sys
 
 for key, value in {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
@@ -20,6 +21,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    """A module's tests share the local Ray cluster the first of them starts; it is shut down with the module."""
+    yield
+    ray = sys.modules.get("ray")  # never imported by a module that does not use it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Small builders shared by tests: chat prompts with images for the tiny model, entry points run as processes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,16 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+TIMING_PREFIXES = ("timing_s/", "perf/")  # wall-clock metrics: never equal between two runs
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """The metrics lines without their timing keys, for comparing an interrupted run with an uninterrupted one."""
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING_PREFIXES)} for row in rows]
 
 
 def run_module(module: str, args: list[str], log, crash_at: str | None = None) -> subprocess.Popen:

@@ -1,5 +1,4 @@
 """Proposer–solver self-evolution end to end on a real local Ray cluster (gloo, CPU) with the tiny model."""
-import json
 import signal
 from pathlib import Path
 
@@ -8,11 +7,10 @@ import ray
 import torch
 
 from RL.config import load_config
-from tests.helpers import run_module
+from tests.helpers import read_metrics, run_module, without_timing
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples/config/ireasoner_tiny_cpu.yaml"
-TIMING_KEYS = ("timing_s/", "perf/")
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +37,6 @@ def build(args):
     config = load_config(args, require_inputs=False)
     check(config)
     return build_trainer(config)
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def adapters(trainer) -> dict[str, dict[str, torch.Tensor]]:
@@ -134,10 +121,6 @@ def ray_free_state(dcp_dir):
 
 def run_cli(args, log, crash_at=None):
     return run_module("RL.self_evolution", args, log, crash_at)
-
-
-def without_timing(metrics):
-    return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)} for m in metrics]
 
 
 def test_sigkill_after_a_checkpoint_resumes_with_the_same_metrics(selfplay, tmp_path):

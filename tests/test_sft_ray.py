@@ -1,7 +1,6 @@
 """Latent SFT end to end on a real local Ray cluster with FSDP (gloo): global means across world sizes, checkpoints
 saved by two ranks and resumed by one, and resumes after SIGKILL (while writing monet3's targets, and between a
 checkpoint and its metrics line) that give exactly the losses of an uninterrupted run."""
-import json
 import signal
 from pathlib import Path
 
@@ -10,18 +9,10 @@ import ray
 
 from RL.config import load_config
 from RL.sft import run_sft
-from tests.helpers import run_module
+from tests.helpers import read_metrics, run_module, without_timing
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples/config/sft_tiny_cpu.yaml"
-TIMING = ("timing_s/", "perf/")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def args(model, data, root, name, stage, **extra) -> list[str]:
@@ -32,18 +23,10 @@ def args(model, data, root, name, stage, **extra) -> list[str]:
     return [f"config={CONFIG}"] + [f"{key}={value}" for key, value in values.items()]
 
 
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
-
-
 def test_monet2_saved_by_two_ranks_resumes_on_one_with_the_losses_of_two(tiny_model_dir, sft_data_dir, tmp_path):
     """With gradient checkpointing: the recurrence's rounds are recomputed in backward on every rank alike."""
     checkpointing = {"worker.actor.model.enable_gradient_checkpointing": True}
-    whole = metrics(run_sft(load_config(args(tiny_model_dir, sft_data_dir, tmp_path, "whole", "monet2",
+    whole = read_metrics(run_sft(load_config(args(tiny_model_dir, sft_data_dir, tmp_path, "whole", "monet2",
                                              **{"trainer.n_gpus_per_node": 2}, **checkpointing))).parent)
     assert [m["step"] for m in whole] == [1, 2, 3] and all(m["sft/align"] > 0 for m in whole)
     run_sft(load_config(args(tiny_model_dir, sft_data_dir, tmp_path, "split", "monet2",
@@ -51,7 +34,7 @@ def test_monet2_saved_by_two_ranks_resumes_on_one_with_the_losses_of_two(tiny_mo
     assert len(list((tmp_path / "split/step_000002/actor/model").glob("*.distcp"))) == 2
     model = run_sft(load_config(args(tiny_model_dir, sft_data_dir, tmp_path, "split", "monet2",
                                      **{"trainer.n_gpus_per_node": 1}, **checkpointing)))
-    split = metrics(tmp_path / "split")
+    split = read_metrics(tmp_path / "split")
     assert [m["step"] for m in split] == [1, 2, 3]
     for key in ("sft/ce", "sft/align", "sft/loss"):  # step 3 ran on one rank, steps 1 and 2 on two
         assert split[-1][key] == pytest.approx(whole[-1][key], rel=1e-5, abs=1e-6), key
@@ -72,7 +55,7 @@ def test_monet3_killed_while_writing_targets_and_after_a_save_resumes_to_the_sam
     with open(tmp_path / "reference.log", "w") as log:
         reference_args = args(tiny_model_dir, sft_data_dir, tmp_path, "reference", "monet3", **common)
         assert run_cli(reference_args, log).wait(600) == 0
-    reference = metrics(tmp_path / "reference")
+    reference = read_metrics(tmp_path / "reference")
     killed = args(tiny_model_dir, sft_data_dir, tmp_path, "killed", "monet3", **common)
     with open(tmp_path / "killed0.log", "w") as log:  # 16 rows in parts of 4: parts 0 and 1 written
         assert run_cli(killed, log, crash_at="latent_targets@1").wait(600) == -signal.SIGKILL
@@ -82,7 +65,7 @@ def test_monet3_killed_while_writing_targets_and_after_a_save_resumes_to_the_sam
         assert run_cli(killed, log, crash_at="after_rename@2").wait(600) == -signal.SIGKILL
     with open(tmp_path / "final.log", "w") as log:
         assert run_cli(killed, log).wait(600) == 0
-    resumed = metrics(tmp_path / "killed")
+    resumed = read_metrics(tmp_path / "killed")
     assert [m["step"] for m in resumed] == [1, 2, 3] and "resumed" in (tmp_path / "final.log").read_text()
     assert without_timing(resumed) == without_timing(reference)
     assert (targets / "MANIFEST.json").is_file() and all(m["sft/align"] > 0 for m in resumed)

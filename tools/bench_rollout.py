@@ -29,12 +29,7 @@ import torch
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", help="a Qwen2.5-VL folder; default: a random model of the sizes below")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=None, help="logits width (default: the tiny tokenizer's)")
+    add_model_shape_args(parser)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -50,6 +45,16 @@ def parse_args(argv=None):
                         help="vllm: also time the vLLM engine beside the native one")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM on CPU: KV cache size in GiB")
     return parser.parse_args(argv)
+
+
+def add_model_shape_args(parser) -> None:
+    """The sizes `random_model` reads (the benchmarks' shared model options)."""
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=None, help="logits width (default: the tiny tokenizer's)")
 
 
 def random_model(args, dtype):

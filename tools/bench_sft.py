@@ -57,13 +57,10 @@ def exact_latent_forward(model, input_ids, attention_mask, pixel_values=None, im
 
 
 def parse_args(argv=None):
+    from tools.bench_rollout import add_model_shape_args
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=None)
+    add_model_shape_args(parser)
     parser.add_argument("--batch", type=int, default=4, help="rows per step")
     parser.add_argument("--blocks", type=int, default=3, help="auxiliary images (latent blocks) per row")
     parser.add_argument("--latent-size", type=int, default=8)

@@ -14,7 +14,18 @@ from tools.secrets import mask_text
 USAGE_STATUS = 2
 
 
-class UsageError(Exception):
+class InputError(Exception):
+    """Bad input the user must fix (a data file, a model folder, a checkpoint, a path): one `error:` line, exit 2.
+
+    Library code anywhere raises a subclass of this for input it refuses; the message names the file, row or key
+    and says what to do. Entry points catch it in `run_cli`."""
+
+
+class RunFailure(Exception):
+    """A run that failed for a reason that is not the input (a lost node, a full disk mid-run): one line, exit 1."""
+
+
+class UsageError(InputError):
     """A mistake on the command line: an unknown option, a missing argument, no such input file."""
 
 

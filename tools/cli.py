@@ -39,12 +39,12 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(main: Callable[[list[str]], Optional[int]], *user_errors: type[BaseException]) -> NoReturn:
     """Exit with the status of `main(sys.argv[1:])`; a user mistake exits 2 with one `error: ...` line.
 
-    User mistakes: `UsageError`, the entry point's own `user_errors` (e.g. ConfigError), and `sys.exit("message")`.
+    User mistakes: `InputError` (`UsageError` among them), the entry point's own `user_errors` (e.g. ConfigError), and `sys.exit("message")`.
     Anything else is a bug and keeps its traceback.
     """
     try:
         status = main(sys.argv[1:])
-    except (UsageError, *user_errors) as error:
+    except (InputError, *user_errors) as error:
         fail(str(error))
     except SystemExit as stop:
         if isinstance(stop.code, str):

@@ -13,6 +13,7 @@ from PIL import Image
 from monet_models.processor import load_processor
 from RL.config import load_config
 from RL.data import ImagePool, RLPromptDataset, StatefulPromptLoader, build_loader, to_batch, vision_inputs
+from RL.data.errors import DataError
 from RL.data.images import CorruptImageError, ImageTooLargeError, decode_image
 from tests.thyme_data import FORMS, bomb_png, noisy_image, write_thyme_parquet
 
@@ -108,9 +109,9 @@ def test_thyme_parquet_loads_good_rows_and_names_each_bad_row(form, tmp_path, pr
 
 def test_thyme_columns_are_named_when_the_keys_do_not_match(tmp_path, processor):
     thyme = write_thyme_parquet(tmp_path / "thyme.parquet", "base64", good=2, with_bad=False)
-    with pytest.raises(ValueError, match=r"no column 'problem' \(data.prompt_key\).*question"):
+    with pytest.raises(DataError, match=r"no column 'problem' \(data.prompt_key\).*question"):
         RLPromptDataset(str(thyme.path), processor, **OPTIONS)
-    with pytest.raises(ValueError, match="set data.image_key=image"):
+    with pytest.raises(DataError, match="set data.image_key=image"):
         RLPromptDataset(str(thyme.path), processor, **{**THYME, "image_key": "images"})
 
 
@@ -167,7 +168,7 @@ def test_non_utf8_lines_are_bad_encoding_and_good_rows_stay(tmp_path, toy_data_d
     array.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")  # one row per line: still one line per bad row
     assert len(RLPromptDataset(str(array), processor, image_dir=toy_data_dir, **OPTIONS)) == 3
     array.write_bytes(b"[" + b", ".join(lines) + b"]")  # all on one line: nothing left to read
-    with pytest.raises(ValueError, match="array.json line 1 is not UTF-8"):
+    with pytest.raises(DataError, match="array.json line 1: not UTF-8"):
         RLPromptDataset(str(array), processor, image_dir=toy_data_dir, **OPTIONS)
 
 
@@ -179,7 +180,7 @@ def test_empty_file_is_refused_by_name(name, content, tmp_path, processor):
         datasets.Dataset.from_dict({"problem": [], "answer": []}).to_parquet(str(path))
     else:
         path.write_bytes(content)
-    with pytest.raises(ValueError, match=f"{name}: empty file"):
+    with pytest.raises(DataError, match=f"{name}: empty file"):
         RLPromptDataset(str(path), processor, **OPTIONS)
 
 
@@ -193,7 +194,7 @@ def test_overlong_kept_when_filter_off(tmp_path, toy_data_dir, processor):
 
 def test_no_usable_rows_is_an_error(tmp_path, processor):
     path = write_jsonl(tmp_path / "bad.jsonl", [row(0, ["missing.png"])])
-    with pytest.raises(ValueError, match="no usable rows"):
+    with pytest.raises(DataError, match="no usable rows"):
         RLPromptDataset(str(path), processor, **OPTIONS)
 
 
@@ -351,7 +352,7 @@ def test_loader_resume_continues_the_same_order(toy_data_dir, processor):
     resumed = StatefulPromptLoader(dataset, 8, seed=1, num_workers=1)  # prefetching must not shift the order
     resumed.load_state_dict(state)
     assert [row_ids(resumed.next_batch()) for _ in range(4)] == expected
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(DataError, match="seed"):
         StatefulPromptLoader(dataset, 8, seed=2).load_state_dict(state)
 
 
@@ -362,7 +363,7 @@ def test_loader_collates_and_val_loader_keeps_everything(toy_data_dir, processor
     val = build_loader(dataset, config.data, split="val", collate_fn=dataset.collate_fn)
     sizes = [len(batch["row_id"]) for batch in val]
     assert sizes == [5, 3]  # in order, nothing dropped
-    with pytest.raises(ValueError, match="rollout_batch_size"):
+    with pytest.raises(DataError, match="rollout_batch_size"):
         build_loader(dataset, config.data, split="train")  # 8 prompts cannot fill a batch of 16
 
 
@@ -414,14 +415,14 @@ def test_image_pool_subfolder_filter_and_errors(pool_dir, tmp_path, caplog):
     assert "missing" in caplog.text
     assert {pool.sample(t).subfolder for t in (1, 2)} == {"b"}
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images"):
+    with pytest.raises(DataError, match="no images"):
         ImagePool(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="data.image_dir: the image pool folder .*nowhere does not exist"):
         ImagePool(tmp_path / "nowhere")
     only_broken = tmp_path / "broken"
     only_broken.mkdir()
     (only_broken / "x.png").write_bytes(b"nope")
-    with pytest.raises(RuntimeError, match="none of the 1 files"):
+    with pytest.raises(DataError, match="none of the 1 image files"):
         ImagePool(only_broken).sample(1)
 
 

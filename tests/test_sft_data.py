@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from RL.config import ConfigError, load_config
+from RL.data.errors import DataError
 from RL.data.sft_dataset import SFTDataset, sft_dataset
 from RL.sft import sft_run_config
 from monet_models import load_processor
@@ -60,7 +61,7 @@ def test_rows_of_three_formats_and_the_stage_they_train(tiny_model_dir, sft_data
     assert "\\boxed{" in text and (rl[0]["input_ids"] == rl.tokens.start).sum() == 1
     monet3 = sft_dataset(config_for("monet3", tiny_model_dir, f"{sft_data_dir}/sft_monet.json"), processor, K)
     assert (monet3[0]["input_ids"] == processor.image_token_id).sum() == 4  # the zoom is gone, the question stays
-    with pytest.raises(ValueError, match="sft.stage=monet1: .* holds rl rows"):
+    with pytest.raises(DataError, match="sft.stage=monet1: .* holds rl rows"):
         sft_dataset(config_for("monet1", tiny_model_dir, f"{sft_data_dir}/train.jsonl"), processor, K)
 
 
@@ -82,7 +83,7 @@ def test_bad_rows_are_skipped_and_counted(tiny_model_dir, sft_data_dir, tmp_path
     assert len(dataset) == 1
     assert dataset.skipped == {"empty_prompt": 1, "aux_image_mismatch": 1, "missing_image": 1}
     short = config_for("monet1", tiny_model_dir, str(path), **{"sft.max_length": 20})
-    with pytest.raises(ValueError, match="no usable rows"):
+    with pytest.raises(DataError, match="no usable rows"):
         SFTDataset(str(path), processor, short.data, short.sft, K)
 
 

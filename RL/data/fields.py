@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 FIELD_CHARS = 80
+DETAIL_CHARS = 200  # a skip's detail: room for a missing image's whole path (RL/data/images.py PATH_CHARS)
 
 
 def shorten(value: Any, limit: int = FIELD_CHARS) -> str:

@@ -2,7 +2,8 @@
 
 Files are found by a recursive scan (optionally only in named first-level subfolders), sorted, and shuffled once
 with the seed; `sample(t)` for step t is therefore a pure function of (files, seed, t), which makes resuming trivial.
-A file that cannot be decoded is skipped (the next one is used) and counted.
+A file that cannot be decoded is skipped (the next one is used) and counted. A pool with no image, or none that
+decodes, is a `DataError` naming `data.image_dir`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Optional, Union
 
 from PIL import Image
 
+from RL.data.errors import DataError
 from RL.data.images import CorruptImageError, MissingImageError, decode_image, fit_pixels
 
 logger = logging.getLogger(__name__)
@@ -35,11 +37,14 @@ class ImagePool:
                  seed: int = 0, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
         self.root = Path(data_dir).expanduser().resolve()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image pool folder {self.root} does not exist")
+            raise DataError(f"data.image_dir: the image pool folder {self.root} does not exist; name the folder of "
+                            "unlabeled images")
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         files = sorted(path for folder in self._folders(include_subfolders) for path in _scan(folder))
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+            raise DataError(f"data.image_dir: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}"
+                            + (f" in the subfolders {include_subfolders} (data.include_subfolders)"
+                               if include_subfolders else ""))
         self.files = files
         self.order = list(range(len(files)))
         random.Random(seed).shuffle(self.order)
@@ -77,7 +82,8 @@ class ImagePool:
                 self.corrupt.add(str(path))
                 continue
             return self._entry(image, path, position)
-        raise RuntimeError(f"image pool {self.root}: none of the {len(self.files)} files can be decoded")
+        raise DataError(f"data.image_dir: none of the {len(self.files)} image files under {self.root} can be "
+                        "decoded")
 
     def _entry(self, image: Image.Image, path: Path, position: int) -> PoolImage:
         if self.min_pixels and self.max_pixels:

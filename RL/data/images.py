@@ -22,6 +22,7 @@ from PIL import Image
 from RL.data.fields import shorten
 
 MAX_PATH_CHARS = 1024  # longer strings are never stat'ed as paths (the OS refuses them with ENAMETOOLONG)
+PATH_CHARS = 160  # an image path in a message: long enough to keep its end (the file name) on ordinary paths
 MIN_BASE64_CHARS = 64  # shorter base64-looking strings are more likely a missing path ("img001") than an image
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 _BASE64 = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
@@ -87,7 +88,7 @@ def _open_string(text: str, image_dir: Optional[str | Path], max_pixels: int) ->
 
 
 def _missing(text: str, image_dir: Optional[str | Path]) -> MissingImageError:
-    return MissingImageError(f"no such image file: {shorten(str(_resolve(text, image_dir)))}")
+    return MissingImageError(f"no such image file: {shorten(str(_resolve(text, image_dir)), PATH_CHARS)}")
 
 
 def _existing_file(text: str, image_dir: Optional[str | Path]) -> Optional[Path]:
@@ -115,7 +116,7 @@ def _b64(text: str) -> bytes:
 
 
 def _open_path(path: Path, max_pixels: int) -> Image.Image:
-    with _opened(lambda: Image.open(path), shorten(str(path))) as image:
+    with _opened(lambda: Image.open(path), shorten(str(path), PATH_CHARS)) as image:
         return _loaded(_capped(image, max_pixels))
 
 

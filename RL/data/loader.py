@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from RL.data.errors import DataError
+
 
 def item_list(items: list) -> list:
     """The default "collate": the dataset items themselves (the rollout engines pad per request)."""
@@ -29,8 +31,8 @@ class StatefulPromptLoader:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or -1, got {batch_size}")
         if drop_last and len(dataset) < self.batch_size:
-            raise ValueError(f"{len(dataset)} prompts cannot fill one batch of {self.batch_size}; "
-                             "lower data.rollout_batch_size or add data")
+            raise DataError(f"{len(dataset)} prompts cannot fill one batch of {self.batch_size}; "
+                            "lower data.rollout_batch_size or add data")
         self.collate_fn = collate_fn or item_list
         self.shuffle, self.seed, self.drop_last, self.num_workers = shuffle, seed, drop_last, num_workers
         self.epoch, self.position = 0, 0
@@ -79,8 +81,10 @@ class StatefulPromptLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a saved position; refuses if the data or the seed changed (the order would differ)."""
         if state["num_prompts"] != len(self.dataset) or state["seed"] != self.seed:
-            raise ValueError(f"loader state is for {state['num_prompts']} prompts with seed {state['seed']}, "
-                             f"this loader has {len(self.dataset)} with seed {self.seed}: the data order would differ")
+            raise DataError(f"the checkpoint's loader state is for {state['num_prompts']} prompts with seed "
+                            f"{state['seed']}, this run has {len(self.dataset)} with seed {self.seed}: the data order "
+                            "would differ; resume with the data and seed it was trained on, or start a new run "
+                            "(another trainer.experiment_name)")
         self.epoch, self.position = state["epoch"], state["position"]
         self._stream = None
 

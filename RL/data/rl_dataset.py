@@ -1,12 +1,13 @@
 """The RL prompt dataset: rows of (question, images, answer) -> model-ready prompts.
 
 Every row is checked once, eagerly, when the dataset is built, so a bad row never crashes a run hours in: a
-non-UTF-8 line, a missing key, an empty question, a null, missing, corrupt or over-size image, a marker/image count
-mismatch or an overlong prompt skips the row, counts it in `dataset.skipped` and is reported in ONE warning with one
-example (row and detail) per reason. A question with images but no `<image>` marker (Thyme-RL's form) gets one
-marker per image before the text, as Monet builds its prompts, and that is announced once. The prompt length check
-computes each image's token count from its size (the processor's own formula) instead of running the image processor
-on every row, which is what makes EasyR1's overlong filter slow on large VLM data sets.
+non-UTF-8 or malformed JSON line, a missing key, an empty question, a null, missing, corrupt or over-size image, a
+marker/image count mismatch or an overlong prompt skips the row, counts it in `dataset.skipped` and is reported in ONE
+warning with one example (row and detail) per reason; when no row is left, that report is the `DataError`. A
+question with images but no `<image>` marker (Thyme-RL's form) gets one marker per image before the text, as Monet
+builds its prompts, and that is announced once. The prompt length check computes each image's token count from its
+size (the processor's own formula) instead of running the image processor on every row, which is what makes EasyR1's
+overlong filter slow on large VLM data sets.
 """
 from __future__ import annotations
 
@@ -23,29 +24,22 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from RL.data.collate import PromptCollator
-from RL.data.fields import shorten
+from RL.data.columns import check_columns
+from RL.data.errors import DataError, RowSkipped, skip_summary
+from RL.data.fields import DETAIL_CHARS, shorten
 from RL.data.images import (DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageTooLargeError, MissingImageError,
                             as_image_list, decode_image, fitted_size, load_image)
 from RL.data.prompts import IMAGE_MARKER, FormatPrompt, render_prompt
-from RL.data.sources import Source, open_sources
+from RL.data.sources import Source, as_path_list, open_sources
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("bad_encoding", "missing_key", "empty_prompt", "image_count_mismatch", "missing_image",
+SKIP_REASONS = ("bad_encoding", "bad_json", "missing_key", "empty_prompt", "image_count_mismatch", "missing_image",
                 "corrupt_image", "image_too_large", "overlong_prompt")
-IDS_IN_WARNING = 5
 READ_ERRORS = {UnicodeDecodeError: "bad_encoding", MissingImageError: "missing_image",  # first match wins
                FileNotFoundError: "missing_image", ImageTooLargeError: "image_too_large",
                Image.DecompressionBombError: "image_too_large", CorruptImageError: "corrupt_image"}
 CHECK_CHUNK = 256
-
-
-class RowSkipped(Exception):
-    """A row that cannot be trained on; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ class RLPromptDataset(Dataset):
     """
 
     def __init__(self, files: Union[str, Iterable[str]], processor, options: Any = None, *, max_samples: int = -1,
-                 name: str = "train", **overrides: Any):
+                 name: str = "train", key: str = "", **overrides: Any):
         self.options = options = DatasetOptions.of(options, **overrides)
         self.processor = processor
         self.prompt_key, self.answer_key, self.image_key = options.prompt_key, options.answer_key, options.image_key
@@ -101,17 +95,20 @@ class RLPromptDataset(Dataset):
         self.min_pixels, self.max_pixels = options.min_pixels, options.max_pixels
         self.filter_overlong_prompts = options.filter_overlong_prompts
         self.name = name
+        self.key = key or ("data.train_files" if name == "train" else "data.val_files")  # named in refusals
         self.image_token_id = processor.image_token_id
         self.merge_size = processor.image_processor.merge_size
         self.max_image_pixels = options.max_image_pixels
-        self.sources = open_sources(files)
-        self._check_columns()
+        self.sources = open_sources(files, self.key)
+        for source in self.sources:
+            check_columns(source, options, self.key)
         self.has_images = any(_has_images(source.rows, self.image_key) for source in self.sources)
         self.skipped: dict[str, int] = {}
         self.markers_added = 0
-        self._kept = self._check_rows(max_samples, options.dataloader_num_workers)
+        self._kept, skips = self._check_rows(max_samples, options.dataloader_num_workers)
         if not self._kept:
-            raise ValueError(f"{name} data {files!r}: no usable rows (skipped: {self.skipped})")
+            raise DataError(self._no_rows_message(files, skips))
+        self._report(skips, len(self._kept))
 
     @classmethod
     def from_config(cls, data_config, processor, split: str = "train") -> "RLPromptDataset":
@@ -121,22 +118,8 @@ class RLPromptDataset(Dataset):
         return cls(files, processor, data_config, max_samples=max_samples, name=split)
 
     # ------------------------------------------------------------------------------------------- checking
-    def _check_columns(self) -> None:
-        """A configured column a source lacks fails here, by name, instead of skipping every row as missing_key."""
-        for source in self.sources:
-            columns = source.rows.column_names
-            for option, key in (("prompt_key", self.prompt_key), ("answer_key", self.answer_key)):
-                if key not in columns:
-                    raise ValueError(f"{self.name} data {source.name}: no column {key!r} (data.{option}); "
-                                     f"its columns: {shorten(columns, 200)}")
-            if self.image_key not in columns:
-                other = next((name for name in ("images", "image") if name in columns), None)
-                if other:
-                    raise ValueError(f"{self.name} data {source.name}: no column {self.image_key!r} "
-                                     f"(data.image_key) but a column {other!r}: set data.image_key={other}")
-
-    def _check_rows(self, max_samples: int, num_workers: int) -> list[KeptRow]:
-        """Check rows in order (threads decode images), stop at `max_samples` kept rows, report once."""
+    def _check_rows(self, max_samples: int, num_workers: int) -> tuple[list[KeptRow], dict[str, list]]:
+        """Check rows in order (threads decode images), stop at `max_samples` kept rows: (kept, reason -> skips)."""
         addresses = [(s, r) for s, source in enumerate(self.sources) for r in range(len(source.rows))]
         kept: list[KeptRow] = []
         skips: dict[str, list[tuple[str, str]]] = defaultdict(list)  # reason -> [(row id, detail)]
@@ -157,23 +140,24 @@ class RLPromptDataset(Dataset):
         kept = kept[:max_samples] if max_samples > 0 else kept
         self.skipped = {reason: len(skips[reason]) for reason in SKIP_REASONS if skips[reason]}
         self.markers_added = sum(row.markers_added for row in kept)
-        self._report(skips, len(kept))
-        return kept
+        return kept, skips
+
+    def _no_rows_message(self, files, skips: dict[str, list[tuple[str, str]]]) -> str:
+        """Every reason with its count and one example, the files, and the keys the rows were read by."""
+        found = skip_summary(skips, SKIP_REASONS) or "they hold no rows"
+        images_from = self.image_dir or "each data file's folder"
+        return (f"{self.key}: no usable rows in {', '.join(as_path_list(files))}: {found}; rows were read with "
+                f"data.prompt_key={self.prompt_key}, data.answer_key={self.answer_key}, "
+                f"data.image_key={self.image_key}, relative image paths from {images_from} (data.image_dir)")
 
     def _report(self, skips: dict[str, list[tuple[str, str]]], kept: int) -> None:
         """One warning for the skipped rows (one example with its detail per reason), one for added markers."""
         if self.markers_added:
             logger.warning("%s data: %d rows had images but no %s marker in %r; one marker per image was put "
                            "before the question", self.name, self.markers_added, IMAGE_MARKER, self.prompt_key)
-        if not self.skipped:
-            return
-        parts = []
-        for reason in self.skipped:
-            (row_id, detail), others = skips[reason][0], [row_id for row_id, _ in skips[reason][1:IDS_IN_WARNING]]
-            also = f"; also {', '.join(others)}" if others else ""
-            parts.append(f"{reason} {len(skips[reason])} (e.g. {row_id}: {detail}{also})")
-        logger.warning("%s data: skipped %d rows, kept %d: %s", self.name, sum(self.skipped.values()), kept,
-                       "; ".join(parts))
+        if self.skipped:
+            logger.warning("%s data: skipped %d rows, kept %d: %s", self.name, sum(self.skipped.values()), kept,
+                           skip_summary(skips, SKIP_REASONS))
 
     def _check_one(self, address: tuple[int, int]) -> Union[KeptRow, tuple[str, str, str]]:
         """The kept row, or (reason, row id, detail)."""
@@ -315,7 +299,7 @@ def _has_images(rows, image_key: str) -> bool:
 def _read_skip(error: Exception) -> RowSkipped:
     """The skip for a failure to read a row or decode its images, by exception type; unknown = corrupt_image."""
     reason = next((name for kind, name in READ_ERRORS.items() if isinstance(error, kind)), "corrupt_image")
-    return RowSkipped(reason, shorten(str(error), 160))
+    return RowSkipped(reason, shorten(str(error), DETAIL_CHARS))
 
 
 def build_datasets(data_config, processor) -> tuple[RLPromptDataset, Optional[RLPromptDataset]]:

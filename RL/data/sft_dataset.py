@@ -12,7 +12,7 @@ An auxiliary image is laid out per stage:
 - `latent` (monet3, mirage): a latent block instead of the image.
 A block is `<abs_vis_token>`, K `<abs_vis_token_pad>`, `</abs_vis_token>` (K = `sft.latent_size`), the layout RL and
 inference use. Rows are checked once, eagerly; a bad row is skipped, counted in `dataset.skipped` and reported in one
-warning with one example per reason, as the RL dataset does.
+warning with one example per reason (a `DataError` when no row is left), as the RL dataset does.
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
-from RL.data.fields import shorten
+from RL.data.errors import DataError, RowSkipped, skip_summary
+from RL.data.fields import DETAIL_CHARS, shorten
 from RL.data.images import (CorruptImageError, ImageTooLargeError, MissingImageError, decode_image, fitted_size,
                             load_image)
 from RL.data.prompts import FormatPrompt, render_prompt
-from RL.data.sft_rows import OBSERVATION_CLOSE, OBSERVATION_OPEN, RowSkipped, SFTRow, detect_format, parse_row
-from RL.data.sources import open_sources
+from RL.data.sft_rows import OBSERVATION_CLOSE, OBSERVATION_OPEN, SFTRow, detect_format, parse_row
+from RL.data.sources import as_path_list, open_sources
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ SUPERVISED = (TEXT, OBSERVATION, START)
 STAGE_FORMATS = {"monet1": ("monet",), "monet2": ("monet",), "monet3": ("monet",), "mirage1": ("mirage",),
                  "mirage2": ("mirage", "rl")}
 STAGE_LAYOUT = {"monet1": "inline", "monet2": "hidden", "monet3": "latent", "mirage1": "latent", "mirage2": "latent"}
-SKIP_REASONS = ("bad_encoding", "missing_key", "empty_prompt", "image_count_mismatch", "aux_image_mismatch",
+SKIP_REASONS = ("bad_encoding", "bad_json", "missing_key", "empty_prompt", "image_count_mismatch", "aux_image_mismatch",
                 "missing_image", "corrupt_image", "image_too_large", "helper_too_small", "block_count", "overlong")
 IMAGE_ERRORS = {MissingImageError: "missing_image", FileNotFoundError: "missing_image",
                 ImageTooLargeError: "image_too_large", CorruptImageError: "corrupt_image"}
@@ -50,8 +51,9 @@ _TAGS = re.compile(f"({re.escape(OBSERVATION_OPEN)}|{re.escape(OBSERVATION_CLOSE
 class SFTDataset(Dataset):
     """Rows of `files` for `sft.stage`; items are unpadded tensors (`collate_sft` pads them into a Batch)."""
 
-    def __init__(self, files, processor, data_config, sft_config, latent_size: int, name: str = "sft"):
-        self.processor, self.data, self.sft, self.name = processor, data_config, sft_config, name
+    def __init__(self, files, processor, data_config, sft_config, latent_size: int, name: str = "sft",
+                 key: str = "data.train_files"):
+        self.processor, self.data, self.sft, self.name, self.key = processor, data_config, sft_config, name, key
         self.stage, self.latent_size = sft_config.stage, latent_size
         self.tokenizer = processor.tokenizer
         self.merge = processor.image_processor.merge_size
@@ -61,24 +63,29 @@ class SFTDataset(Dataset):
         from monet_models.latent_tokens import LatentTokens
 
         self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
-        self.sources = open_sources(files)
+        self.sources = open_sources(files, key)
         self.formats = [self._format(source) for source in self.sources]
         self.skipped: dict[str, int] = {}
         self.targets = None  # monet3: the stage-2 latents (RL/data/latent_targets.py), attached once written
-        self._rows = self._check_rows(data_config.train_max_samples, data_config.dataloader_num_workers)
+        self._rows, skips = self._check_rows(data_config.train_max_samples, data_config.dataloader_num_workers)
         if not self._rows:
-            raise ValueError(f"{name} data {files!r}: no usable rows for sft.stage={self.stage} "
-                             f"(skipped: {self.skipped})")
+            raise DataError(f"{key}: no usable rows for sft.stage={self.stage} in {', '.join(as_path_list(files))}: "
+                            f"{skip_summary(skips, SKIP_REASONS) or 'they hold no rows'}")
+        if self.skipped:
+            logger.warning("%s data: skipped %d rows, kept %d: %s", name, sum(self.skipped.values()), len(self._rows),
+                           skip_summary(skips, SKIP_REASONS))
 
     def _format(self, source) -> str:
-        fmt = detect_format(source.rows.column_names, self.data.prompt_key)
+        where = f"{self.key} {source.name}"
+        fmt = detect_format(source.rows.column_names, self.data.prompt_key, where)
         if fmt not in STAGE_FORMATS[self.stage]:
-            raise ValueError(f"sft.stage={self.stage}: {source.name} holds {fmt} rows; this stage trains on "
-                             f"{' or '.join(STAGE_FORMATS[self.stage])} rows (docs/sft.md)")
+            raise DataError(f"sft.stage={self.stage}: {where} holds {fmt} rows; this stage trains on "
+                            f"{' or '.join(STAGE_FORMATS[self.stage])} rows (docs/sft.md)")
         return fmt
 
     # ---- checking ----------------------------------------------------------------------------------------------
-    def _check_rows(self, max_samples: int, workers: int) -> list[tuple[int, SFTRow]]:
+    def _check_rows(self, max_samples: int, workers: int) -> tuple[list[tuple[int, SFTRow]], dict[str, list]]:
+        """Every row checked (threads decode images): (kept (source, row), reason -> [(row id, detail)])."""
         addresses = [(s, r) for s, source in enumerate(self.sources) for r in range(len(source.rows))]
         skips: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for source in self.sources:
@@ -93,12 +100,7 @@ class SFTDataset(Dataset):
                     skips[outcome[0]].append(outcome[1:])
         kept = kept[:max_samples] if max_samples > 0 else kept
         self.skipped = {reason: len(skips[reason]) for reason in SKIP_REASONS if skips[reason]}
-        if self.skipped:
-            parts = [f"{reason} {len(skips[reason])} (e.g. {skips[reason][0][0]}: {skips[reason][0][1]})"
-                     for reason in self.skipped]
-            logger.warning("%s data: skipped %d rows, kept %d: %s", self.name, sum(self.skipped.values()), len(kept),
-                           "; ".join(parts))
-        return kept
+        return kept, skips
 
     def _check_one(self, address: tuple[int, int]):
         """(source, row) kept, or (reason, row id, detail)."""
@@ -150,7 +152,7 @@ class SFTDataset(Dataset):
             return decode_image(value, self.image_dir or base_dir, self.data.max_image_pixels)
         except tuple(IMAGE_ERRORS) as error:
             reason = next(name for kind, name in IMAGE_ERRORS.items() if isinstance(error, kind))
-            raise RowSkipped(reason, shorten(str(error), 160)) from None
+            raise RowSkipped(reason, shorten(str(error), DETAIL_CHARS)) from None
 
     # ---- items -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -298,5 +300,6 @@ def collate_sft(items: list[dict], pad_id: int, meta: Optional[dict] = None):
 
 def sft_dataset(config, processor, latent_size: int, files: Optional[Any] = None) -> SFTDataset:
     """The dataset of the `sft` section: `sft.train_files`, else `data.train_files`."""
+    key = "sft.train_files" if config.sft.train_files and not files else "data.train_files"
     return SFTDataset(files or config.sft.train_files or config.data.train_files, processor, config.data, config.sft,
-                      latent_size)
+                      latent_size, key=key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from RL.data.errors import DataError, RowSkipped
 from RL.data.images import as_image_list
 from RL.data.prompts import IMAGE_MARKER
 
@@ -23,14 +24,6 @@ LATENT_MARK = "<latent>"
 OBSERVATION_OPEN, OBSERVATION_CLOSE = "<observation>", "</observation>"
 ANSWER_TEMPLATE = "The answer is \\boxed{{{answer}}}."
 FORMATS = ("monet", "mirage", "rl")
-
-
-class RowSkipped(Exception):
-    """A row that cannot be trained on; `reason` names the counter it goes to."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -54,16 +47,16 @@ class SFTRow:
         return [step.value for step in self.steps if step.kind == "aux"]
 
 
-def detect_format(columns: list[str], prompt_key: str) -> str:
-    """monet | mirage | rl, from a source's columns; anything else is refused by the caller with the columns."""
+def detect_format(columns: list[str], prompt_key: str, where: str) -> str:
+    """monet | mirage | rl, from the columns of the source `where` names; anything else is refused by name."""
     if "data" in columns:
         return "monet"
     if {"text_input", "text_output"} <= set(columns):
         return "mirage"
     if prompt_key in columns:
         return "rl"
-    raise ValueError(f"columns {sorted(columns)} match no SFT format: Monet rows have `data`, Mirage rows "
-                     f"`text_input`/`text_output`, RL rows `{prompt_key}` (data.prompt_key)")
+    raise DataError(f"{where}: columns {sorted(columns)} match no SFT format: Monet rows have `data`, Mirage rows "
+                    f"`text_input`/`text_output`, RL rows `{prompt_key}` (data.prompt_key)")
 
 
 def parse_row(row: dict, fmt: str, keys, row_id: str) -> SFTRow:

@@ -6,19 +6,27 @@ them all with the same validation, image decoding and prompt template as trainin
   `data.image_dir`, else the JSON file's folder.
 - VLMEvalKit: a TSV with `index`, `question`, `answer`, `image` (base64, a JSON list of them, or the `index` of the
   row holding the same image), option columns `A`, `B`, ... rendered into the question, optional `hint`, `category`.
+
+A file that cannot be converted (a TSV without an `answer` column, a DMLR row without its keys) is a `DataError`
+naming the file and what is missing, and leaves no converted file behind: rows are written to a `.partial` name that
+is renamed only when the whole file is written.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
+from RL.data.errors import DataError
+from RL.data.fields import shorten
 from RL.data.sources import as_path_list
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 DMLR_KEYS = ("prompt", "solution", "image_path")
+TSV_COLUMNS = ("index", "question", "answer")
 
 
 def prepare_files(files, folder: Path, data) -> list[str]:
@@ -27,6 +35,8 @@ def prepare_files(files, folder: Path, data) -> list[str]:
     for name in as_path_list(files):
         path = Path(name)
         kind = detect_format(path)
+        if kind == "vlmevalkit" and not path.is_file():
+            raise DataError(f"data.val_files: no such file: {path}")
         if kind == "project":
             prepared.append(name)
             continue
@@ -42,27 +52,37 @@ def detect_format(path: Path) -> str:
     if path.suffix.lower() == ".json" and path.is_file():
         with path.open("rb") as handle:
             if handle.read(64).lstrip()[:1] == b"[":
-                rows = json.loads(path.read_text())
+                try:
+                    rows = json.loads(path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):  # the project loader names what is wrong
+                    return "project"
                 if rows and isinstance(rows[0], dict) and all(key in rows[0] for key in DMLR_KEYS):
                     return "dmlr"
     return "project"
 
 
 def write_rows(rows: Iterator[dict], path: Path, data) -> Path:
-    """Rows with the configured column names (`data.prompt_key`, `answer_key`, `image_key`), as jsonl."""
+    """Rows with the configured column names (`data.prompt_key`, `answer_key`, `image_key`), as jsonl; `path`
+    appears only complete (a refused row or a crash leaves neither it nor its `.partial`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = {"question": data.prompt_key, "answer": data.answer_key, "images": data.image_key}
-    with path.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps({names.get(key, key): value for key, value in row.items()}) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps({names.get(key, key): value for key, value in row.items()}) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
 def dmlr_rows(path: Path, image_dir) -> Iterator[dict]:
     for number, row in enumerate(json.loads(path.read_text())):
-        missing = [key for key in DMLR_KEYS if key not in row]
+        missing = [key for key in DMLR_KEYS if not isinstance(row, dict) or key not in row]
         if missing:
-            raise ValueError(f"{path} row {number}: DMLR rows need {', '.join(DMLR_KEYS)}; missing {missing}")
+            raise DataError(f"{path} row {number}: DMLR rows need {', '.join(DMLR_KEYS)}; missing "
+                            f"{', '.join(missing)}")
         image = Path(row["image_path"])
         image = image if image.is_absolute() else Path(image_dir) / image
         extra = {key: value for key, value in row.items() if key not in (*DMLR_KEYS, "idx")}
@@ -73,11 +93,19 @@ def dmlr_rows(path: Path, image_dir) -> Iterator[dict]:
 
 def vlmevalkit_rows(path: Path) -> Iterator[dict]:
     csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    missing = [key for key in ("index", "question", "answer") if rows and key not in rows[0]]
-    if not rows or missing:
-        raise ValueError(f"{path}: a VLMEvalKit TSV needs index, question and answer columns (missing {missing})")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, delimiter="\t")
+            rows, columns = list(reader), reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: cannot read it as a UTF-8 TSV ({shorten(str(error), 120)})") from error
+    missing = [key for key in TSV_COLUMNS if key not in columns]
+    if missing:
+        raise DataError(f"{path}: no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}; a VLMEvalKit TSV "
+                        f"needs {', '.join(TSV_COLUMNS)} (evaluation judges against `answer`); its columns: "
+                        f"{shorten(columns, 200)}")
+    if not rows:
+        raise DataError(f"{path}: a header and no rows; add the items to evaluate")
     images = {row["index"]: row.get("image", "") for row in rows}
     for row in rows:
         options = {letter: row[letter] for letter in OPTION_LETTERS if (row.get(letter) or "").strip()}

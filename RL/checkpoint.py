@@ -18,11 +18,18 @@ from typing import Any, Optional
 
 import numpy as np
 
+from tools.cli import InputError, disk_full, no_space_failure
+
 SAVE_OK = "SAVE_OK"
 TRAINER_STATE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^step_(\d+)(\.[a-z]+)?\.tmp$")  # step_N.tmp, step_N.old.tmp
 CRASH_ENV = "LATENT_RL_CRASH_AT"
+DCP_METADATA = ".metadata"
+
+
+class CheckpointError(InputError):
+    """A complete-looking checkpoint that cannot be read back (a truncated shard, a missing trainer state)."""
 
 
 def crash_point(name: str, step: int) -> None:
@@ -65,9 +72,15 @@ class CheckpointManager:
         tmp, final = self.tmp_dir(step), self.step_dir(step)
         if not tmp.is_dir():
             raise FileNotFoundError(f"{tmp} does not exist: call begin({step}) before finish({step})")
-        _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
         summary = {"step": int(step), "total_steps": trainer_state.get("total_steps")}
-        _write_synced(tmp / SAVE_OK, (json.dumps(summary) + "\n").encode())
+        try:
+            _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
+            _write_synced(tmp / SAVE_OK, (json.dumps(summary) + "\n").encode())
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)  # never complete: free the space it took at once
+            if disk_full(error):
+                raise no_space_failure(tmp, error.strerror) from error
+            raise
         _fsync_tree(tmp)
         old = final.with_name(final.name + ".old.tmp")
         if final.exists():  # re-saving a step: move the old one aside (a .tmp, cleaned if we crash right here)
@@ -140,6 +153,55 @@ def complete_steps(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         if match and child.is_dir() and (child / SAVE_OK).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def check_checkpoint(folder: str | os.PathLike) -> None:
+    """Refuse a checkpoint that `resume` could not read, naming the file and what to do, before Ray starts.
+
+    SAVE_OK says every file was written; a disk error or a copy can still cut one short afterwards, and the workers
+    would only find out after a minute of start-up, as a traceback. Cheap: the trainer state's zip directory, and
+    each DCP shard's size against the offsets its `.metadata` records (this imports torch, to unpickle them)."""
+    folder = Path(folder)
+    problem = next(_unreadable(folder), None)
+    if problem:
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint: {problem}; delete {folder} to resume "
+                              "from the checkpoint before it, or set trainer.resume=false to start the run over")
+
+
+def _unreadable(folder: Path):
+    """What makes the checkpoint in `folder` unreadable, one problem at a time."""
+    import zipfile
+
+    state = folder / TRAINER_STATE
+    if not state.is_file():
+        yield f"{TRAINER_STATE} is missing"
+    elif not zipfile.is_zipfile(state):
+        yield f"{state} is truncated or corrupt"
+    for shards in sorted(folder.glob("*/model")) + sorted(folder.glob("*/optim")):
+        yield from _dcp_problems(shards)
+
+
+def _dcp_problems(shards: Path):
+    """A torch.distributed.checkpoint folder whose `.metadata` is missing or unreadable, or a shard shorter than
+    the byte ranges the metadata records for it."""
+    if not (shards / DCP_METADATA).is_file():
+        yield f"{shards / DCP_METADATA} is missing"
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(shards)).read_metadata().storage_data
+    except Exception:  # noqa: BLE001 - an unpicklable metadata file, whatever the unpickler raised
+        yield f"{shards / DCP_METADATA} is corrupt"
+        return
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = shards / name
+        have = path.stat().st_size if path.is_file() else None
+        if have is None or have < size:
+            yield f"{path} is {'missing' if have is None else f'truncated ({have} of {size} bytes)'}"
 
 
 def read_summary(folder: str | os.PathLike) -> dict:

@@ -1,8 +1,12 @@
-"""CLI entry: `python -m RL.main config=path.yaml key=value ...` runs VLPO training on Ray.
+"""usage: python -m RL.main config=path.yaml [dotted.key=value ...] [--debug]
 
-Everything that can be refused is refused before any worker starts: the config, the judge's credentials, the
-data (rows are validated when the datasets load). Re-running with the same `trainer.experiment_name` resumes; a
-run that already reached its last step says so in a second, without starting Ray.
+Runs VLPO training on Ray (every key: `python -m RL.config --print`, README section 3).
+
+Everything that can be refused is refused before any worker starts: the config, the judge's credentials, the model
+folder, the checkpoint a resume reads, the run folder, the data (rows are validated when the datasets load).
+Re-running with the same `trainer.experiment_name` resumes; a run that already reached its last step says so in a
+second, without starting Ray. A failure is one `error:` line (exit 2: bad input, 1: a failed run); its traceback is
+in <run folder>/logs/error.log, and on the console with --debug.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from RL.checkpoint import complete_steps, read_summary
 from RL.config import ConfigError, load_config, to_yaml, total_training_steps
+from RL.preflight import preflight
 from tools.cli import run_cli
 from tools.judges import JudgeCredentialsError, check_judge_credentials
 
@@ -69,6 +74,7 @@ def run(config, build) -> int:
     if message:
         print(message)
         return 0
+    preflight(config)
     trainer = build(config)
     try:
         trainer.fit()
@@ -83,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, ConfigError, JudgeCredentialsError)
+    run_cli(main, ConfigError, JudgeCredentialsError, usage=__doc__)

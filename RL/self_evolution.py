@@ -1,8 +1,10 @@
-"""CLI entry: `python -m RL.self_evolution config=path.yaml key=value ...` runs proposer–solver self-evolution.
+"""usage: python -m RL.self_evolution config=path.yaml [dotted.key=value ...] [--debug]
 
-The model improves from unlabeled images (`data.image_dir`, optionally `data.include_subfolders`); labeled data in
-`data.val_files` is held out and only measured. Everything refusable is refused before Ray starts, as in RL.main,
-and re-running with the same `trainer.experiment_name` resumes.
+Runs proposer–solver self-evolution (iReasoner / EvoLMM) on Ray. The model improves from unlabeled images
+(`data.image_dir`, optionally `data.include_subfolders`); labeled data in `data.val_files` is held out and only
+measured. Everything refusable is refused before Ray starts, as in RL.main, and re-running with the same
+`trainer.experiment_name` resumes. A failure is one `error:` line (exit 2: bad input, 1: a failed run); its
+traceback is in <run folder>/logs/error.log, and on the console with --debug.
 """
 from __future__ import annotations
 
@@ -63,4 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, ConfigError, JudgeCredentialsError)
+    run_cli(main, ConfigError, JudgeCredentialsError, usage=__doc__)

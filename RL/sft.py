@@ -1,11 +1,13 @@
-"""CLI entry: `python -m RL.sft [config=F.yaml] sft.stage=monet1|monet2|monet3|mirage1|mirage2 key=value ...`.
+"""usage: python -m RL.sft [config=F.yaml] sft.stage=monet1|monet2|monet3|mirage1|mirage2 [key=value ...] [--debug]
 
 Latent SFT on Ray, on the same FSDP policy workers as VLPO (docs/sft.md): one update rule per stage applied to the
 `actor` policy, checkpoints in `<trainer.save_dir>/<sft.experiment_name>/step_*` (merge_model.sh reads them), metrics
 in its metrics.jsonl, and at the end the model as a Hugging Face folder in `sft.output_dir`, ready for VLPO, vLLM or
 the next stage. Re-running the same command resumes the run. The config is refused before torch or Ray is imported.
 The default stage, mirage2, is CE with the hidden-state recurrence: what the RL rows' warm starts train (a latent
-block then the boxed answer, or a given `response` in which every `<latent>` is a block).
+block then the boxed answer, or a given `response` in which every `<latent>` is a block). A failure is one
+`error:` line (exit 2: bad input, 1: a failed run); its traceback is in <run folder>/logs/error.log, and on the
+console with --debug.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from RL.checkpoint import complete_steps
 from RL.config import ConfigError, derive, load_config, to_yaml
-from tools.cli import run_cli
+from RL.preflight import MODEL_KEY, preflight
+from tools.cli import RunFailure, run_cli
 
 EXPORTED = "SFT_EXPORT.json"
 
@@ -26,6 +29,7 @@ def sft_run_config(config):
     config = copy.deepcopy(config)
     sft, actor, trainer = config.sft, config.worker.actor, config.trainer
     sft.latent_size = sft.latent_size or config.worker.rollout.latent_size
+    config.worker.rollout.latent_size = sft.latent_size  # the K its model folder records (monet_models/run_settings)
     overrides = [(actor.optim, "lr", sft.lr), (actor.optim, "lr_warmup_steps", sft.warmup_steps),
                  (actor.optim, "weight_decay", sft.weight_decay), (actor, "max_grad_norm", sft.max_grad_norm),
                  (actor.model, "freeze_vision_tower", sft.freeze_vision_tower)]
@@ -59,14 +63,20 @@ def check(config) -> None:
         errors.append("worker.actor.model.model_path: required (the model to train)")
     if not (sft.train_files or config.data.train_files):
         errors.append("sft.train_files, data.train_files: one is required (the SFT rows)")
-    targets_done = (Path(sft.latent_targets) / "MANIFEST.json").is_file()
-    if sft.stage == "monet3" and not targets_done and not Path(sft.teacher_path or "/nonexistent").is_dir():
+    if sft.stage == "monet3" and teacher_needed(config) and not Path(sft.teacher_path or "/nonexistent").is_dir():
         errors.append(f"sft.teacher_path: monet3 learns the stage-2 model's latents, and {sft.latent_targets} holds "
                       f"none yet; give the stage-2 model folder (got {sft.teacher_path!r})")
     if sft.stage == "monet2" and not Path(sft.teacher_path).exists():
         errors.append(f"sft.teacher_path: no such model folder {sft.teacher_path}")
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def teacher_needed(config) -> bool:
+    """monet2 learns from its teacher throughout; monet3 only until the stage-2 latents are written."""
+    sft = config.sft
+    return sft.stage == "monet2" or (sft.stage == "monet3" and
+                                     not (Path(sft.latent_targets) / "MANIFEST.json").is_file())
 
 
 def build_trainer(config):
@@ -103,7 +113,7 @@ def export_model(config) -> Path:
     """The newest checkpoint merged into sft.output_dir (a Hugging Face folder), once per checkpoint."""
     steps = complete_steps(config.trainer.run_dir)
     if not steps:
-        raise RuntimeError(f"{config.trainer.run_dir}: no complete checkpoint to export")
+        raise RunFailure(f"{config.trainer.run_dir}: no complete checkpoint to export; run the same command again")
     step, folder = steps[-1]
     out = Path(config.sft.output_dir)
     marker = {"run": str(config.trainer.run_dir), "step": step}
@@ -124,6 +134,7 @@ def run_sft(config) -> Path:
     if finished(config):
         print(f"run {config.trainer.experiment_name} is complete; raise sft.steps to continue")
     else:
+        preflight(config, (MODEL_KEY, "sft.teacher_path") if teacher_needed(config) else (MODEL_KEY,))
         trainer = build_trainer(config)
         try:
             trainer.fit()
@@ -140,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, ConfigError)
+    run_cli(main, ConfigError, usage=__doc__)

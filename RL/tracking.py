@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
 
+from tools.cli import disk_full, no_space_failure
 from tools.secrets import redact, secret_values  # the one home of the secret rules
 
 CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "val/accuracy", "actor/pg_loss", "actor/kl_loss",
@@ -49,9 +50,7 @@ class Tracker:
     def log(self, step: int, metrics: dict) -> None:
         """Append {"step": step, **metrics} to metrics.jsonl (flushed) and forward it to the enabled sinks."""
         row = self._clean({"step": int(step), **{k: v for k, v in _plain(metrics).items() if k != "step"}})
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, sort_keys=False, allow_nan=True) + "\n")
-            handle.flush()
+        _append_lines(self.metrics_path, [json.dumps(row, sort_keys=False, allow_nan=True)])
         numbers = {key: value for key, value in row.items() if key != "step" and _is_number(value)}
         if "console" in self.loggers:
             tqdm.write(console_line(row))  # above an active progress bar, not through it
@@ -65,10 +64,7 @@ class Tracker:
     def log_generations(self, step: int, rows: list[dict]) -> None:
         """Sample generations (prompt, response, score ...) to generations.jsonl and a wandb table."""
         rows = [self._clean(_plain(row)) for row in rows]
-        with open(self.generations_path, "a", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps({"step": int(step), **row}, default=str) + "\n")
-            handle.flush()
+        _append_lines(self.generations_path, [json.dumps({"step": int(step), **row}, default=str) for row in rows])
         if self.wandb is not None and rows:
             import wandb
 
@@ -169,6 +165,19 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def _append_lines(path: Path, lines: list[str]) -> None:
+    """Append JSON lines (flushed); a full disk is a failed run naming the file (a torn last line is skipped on
+    read and dropped by the resume's truncation)."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+            handle.flush()
+    except OSError as error:
+        if disk_full(error):
+            raise no_space_failure(path, error.strerror) from error
+        raise
+
+
 def _truncate_jsonl(path: Path, step: int) -> int:
     if not path.is_file():
         return 0
@@ -184,7 +193,13 @@ def _truncate_jsonl(path: Path, step: int) -> int:
         else:
             kept.append(line)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    try:
+        partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    except OSError as error:
+        partial.unlink(missing_ok=True)  # the file itself is untouched until the rename
+        if disk_full(error):
+            raise no_space_failure(partial, error.strerror) from error
+        raise
     os.replace(partial, path)
     return dropped
 

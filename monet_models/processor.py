@@ -13,6 +13,8 @@ from transformers import AutoProcessor, PreTrainedTokenizerBase, Qwen2_5_VLConfi
 from transformers.processing_utils import ProcessorMixin
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
+from tools.model_folder import ModelFolderError  # stdlib-only: the error class entry points report in one line
+
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL processor for images and text only (videos are out of scope for this project)."""
@@ -57,9 +59,15 @@ def register_processor() -> None:
 def load_processor(path: str):
     """Load the image+text processor of a model folder; fail loudly instead of returning a bare tokenizer."""
     register_processor()
-    processor = AutoProcessor.from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as error:  # no such folder, no processor files, "Unrecognized processing class"
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ModelFolderError(f"{path}: cannot load its processor ({reason}); is this a Qwen2.5-VL model folder "
+                               "with its processor and tokenizer files?") from error
     if isinstance(processor, PreTrainedTokenizerBase) or not hasattr(processor, "image_processor"):
-        raise RuntimeError(f"{path}: AutoProcessor returned no image processor; is this a Qwen2.5-VL model folder?")
+        raise ModelFolderError(f"{path}: it holds no image processor (preprocessor_config.json); is this a "
+                               "Qwen2.5-VL model folder?")
     return processor
 
 

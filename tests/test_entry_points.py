@@ -33,7 +33,6 @@ def assert_user_error(result, messages, *fragments: str) -> None:
     ("RL.main", ["worker.rollout.nn=1"], ["worker.rollout.nn: unknown key", "worker.rollout.n"]),
     ("RL.main", ["worker.rollout.temperature=nan"], ["worker.rollout.temperature: must be a finite number"]),
     ("RL.main", ["config=/no/such/run.yaml"], ["config: no such file /no/such/run.yaml"]),
-    ("RL.main", ["--help"], ["'--help'"]),
     ("RL.sft", ["data.train_files=t.jsonl", "sft.stepz=3"], ["sft.stepz: unknown key", "sft.steps"]),
     ("RL.config", ["--print", "trainer.logger=console"], ["trainer.logger: wrong type"]),
     ("RL.config", ["--prnt"], ["unknown option '--prnt'"]),
@@ -62,12 +61,14 @@ def test_merge_model_user_mistakes(args, fragment):
     assert_user_error(result, messages, fragment)
 
 
-def test_run_cli_keeps_tracebacks_for_bugs_and_reports_exit_messages(capsys, monkeypatch):
+def test_run_cli_reports_bugs_as_failures_and_passes_exit_messages_on(capsys, monkeypatch, tmp_path):
     from tools.cli import run_cli
 
     monkeypatch.setattr(sys, "argv", ["prog", "a"])
-    with pytest.raises(ZeroDivisionError):  # a bug is not a user mistake: its traceback stays
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the traceback of a run without a run folder goes
+    with pytest.raises(SystemExit) as stop:  # a bug is a failed run (exit 1); its traceback goes to a log file
         run_cli(lambda argv: 1 / 0)
+    assert stop.value.code == 1 and "ZeroDivisionError" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda argv: sys.exit("error: bad row\n  in line 3"))
     assert stop.value.code == 2 and capsys.readouterr().err == "error: bad row in line 3\n"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections import Counter
 
-from tools.cli import ArgumentParser, run_cli
+from tools.cli import ArgumentParser, InputError, UsageError, run_cli
+from tools.judges.credentials import JudgeCredentialsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,27 +42,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 REQUIRED = ("question", "response", "ground_truth")
 
 
-class InputError(ValueError):
+class RowError(InputError):
     """A malformed input line; the message is ``FILE:LINE: what is wrong``."""
 
 
 def _parse_line(raw: bytes, where: str) -> dict | None:
-    """One input line as a row (None for a blank line), or InputError saying what is wrong with it."""
+    """One input line as a row (None for a blank line), or RowError saying what is wrong with it."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+        raise RowError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
     if not text.strip():
         return None
     try:
         row = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise RowError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(row, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise RowError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in REQUIRED if k not in row]
     if missing:
-        raise InputError(f"{where}: missing {', '.join(missing)}")
+        raise RowError(f"{where}: missing {', '.join(missing)}")
     return row
 
 
@@ -71,7 +71,7 @@ def _read_rows(path: str) -> list[dict]:
         with open(path, "rb") as f:
             parsed = [_parse_line(raw, f"{path}:{number}") for number, raw in enumerate(f, 1)]
     except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from None
+        raise RowError(f"{path}: {exc.strerror}") from None
     return [row for row in parsed if row is not None]
 
 
@@ -86,7 +86,10 @@ def _make_judge(args):
                          use_cache=not args.no_cache, skip_unextractable=args.skip_unextractable)
     cache = None if args.no_cache else (args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output)),
                                                                    CACHE_FILENAME))
-    return ApiJudge(config, repetition=args.repetition, cache_path=cache)
+    try:
+        return ApiJudge(config, repetition=args.repetition, cache_path=cache)
+    except ValueError as error:  # a setting the judge cannot use
+        raise UsageError(str(error)) from None
 
 
 def judge_rows(rows: list[dict], judge, repetition: bool) -> list[dict]:
@@ -104,15 +107,9 @@ def judge_rows(rows: list[dict], judge, repetition: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from tools.judges import JudgeCredentialsError
-
     args = parse_args(argv)
-    try:
-        rows = _read_rows(args.input)
-        judge = _make_judge(args)
-    except (ValueError, JudgeCredentialsError) as exc:  # InputError, or a judge config it cannot use
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    rows = _read_rows(args.input)
+    judge = _make_judge(args)
     results: list[dict] = []
     with tqdm(total=len(rows), desc="judging", unit="row") as bar:
         for start in range(0, len(rows), args.batch_size):
@@ -120,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(batch)
             bar.update(len(batch))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
+    partial = args.output + ".partial"  # a failed write never leaves a half-written --output
+    with open(partial, "w", encoding="utf-8") as f:
         for row in results:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(partial, args.output)
     judge.close()
     verdicts = Counter("null" if r["verdict"] is None else str(r["verdict"]) for r in results)
     sources = Counter(r["source"] for r in results)
@@ -135,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, JudgeCredentialsError)

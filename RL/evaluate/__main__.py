@@ -1,24 +1,24 @@
 """usage: python -m RL.evaluate MODEL_DIR data.val_files=FILE [method=direct|dmlr|rmm] [ablate=zero,shuffle,noise,text]
-                            [name=NAME] [strategy=monet|greedy] [config=file.yaml] [dotted.key=value ...]
+                            [name=NAME] [strategy=monet|greedy] [config=file.yaml] [dotted.key=value ...] [--debug]
 
 Evaluates MODEL_DIR on the items of data.val_files (project rows, DMLR's JSON list or a VLMEvalKit TSV) on Ray
 workers (trainer.n_gpus_per_node of them), judged like training (worker.rule_based_judge). `method`, `ablate`, `name`
 and `strategy` stand for eval.method, eval.ablate, eval.name and eval.strategy; every eval.* key is in
 RL/config/schema.py:EvalConfig. Results go to runs/eval/<name>/ (per-item jsonl per pass, summary.json, summary.md);
-re-running resumes.
+re-running resumes. A failure is one `error:` line (exit 2: bad input, 1: a failed run); its traceback is in
+runs/eval/<name>/logs/error.log, and on the console with --debug.
 """
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from pathlib import Path
 
 from RL.config import ConfigError, load_config
 from RL.evaluate import EvaluationError
 from RL.evaluate.memory import check_memory_credentials
-from tools.cli import UsageError, run_cli
+from tools.cli import UsageError, log_errors_to, run_cli
 from tools.judges import JudgeCredentialsError, check_judge_credentials
+from tools.model_folder import check_model_folder
 
 logger = logging.getLogger(__name__)
 SHORT_KEYS = {"method": "eval.method", "ablate": "eval.ablate", "name": "eval.name", "strategy": "eval.strategy"}
@@ -44,8 +44,6 @@ def check(config) -> None:
     errors, model = [], config.worker.actor.model.model_path
     if not model:
         errors.append("worker.actor.model.model_path: required (MODEL_DIR, the model folder to evaluate)")
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not Path(model).is_dir():
-        errors.append(f"worker.actor.model.model_path: no such folder {model}")
     if not config.data.val_files:
         errors.append("data.val_files: required (the items to evaluate)")
     if errors:
@@ -58,16 +56,18 @@ def check(config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
         print(__doc__)
         return 0
     config = load_config(expand(argv), require_inputs=False)  # refused in a second, before torch is imported
     check(config)
     check_judge_credentials(config.worker.rule_based_judge)
     check_memory_credentials(config.eval)
-    from RL.evaluate.runner import evaluate
+    check_model_folder(config.worker.actor.model.model_path, "worker.actor.model.model_path")
+    from RL.evaluate.runner import evaluate, output_folder
     from RL.evaluate.stats import markdown
 
+    log_errors_to(output_folder(config))
     summary = evaluate(config)
     print(markdown(summary), end="")
     print(f"results: {summary['folder']}")
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_cli(main, ConfigError, JudgeCredentialsError, EvaluationError)
+    run_cli(main, ConfigError, JudgeCredentialsError, EvaluationError, usage=__doc__)

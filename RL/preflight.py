@@ -1,0 +1,46 @@
+"""The checks a run's inputs pass before Ray starts: model folders, the checkpoint a resume reads, the run folder.
+
+Each takes milliseconds here; the same mistake found by a worker costs half a minute of start-up and ends in a Ray
+traceback. They run after the config loaded (keys and types are right) and before anything is written, except the
+run folder itself, which the last check creates (it is about to be written anyway).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from RL.checkpoint import check_checkpoint, complete_steps
+from RL.config.checks import get_dotted
+from tools.cli import InputError, log_errors_to
+from tools.model_folder import check_model_folder
+
+MODEL_KEY = "worker.actor.model.model_path"  # the reference model is the same folder
+
+
+class SaveDirError(InputError):
+    """A run folder that cannot be written (a read-only disk or folder)."""
+
+
+def preflight(config, model_keys: tuple[str, ...] = (MODEL_KEY,)) -> None:
+    """Refuse a damaged model folder or resume checkpoint, or a read-only trainer.save_dir; then send a failure's
+    traceback to the run folder (`tools.cli.log_errors_to`)."""
+    for key in model_keys:
+        if get_dotted(config, key):
+            check_model_folder(get_dotted(config, key), key)
+    latest = complete_steps(config.trainer.run_dir)[-1:] if config.trainer.resume else []
+    for _, folder in latest:
+        check_checkpoint(folder)
+    check_writable(config.trainer.run_dir, "trainer.save_dir")
+    log_errors_to(config.trainer.run_dir)
+
+
+def check_writable(folder: str, key: str) -> None:
+    """Create `folder` and a scratch file in it, or refuse naming `key` and the folder. A real write, not the
+    permission bits: root passes every permission check, a read-only mount does not."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SaveDirError(f"{key}: cannot write the run folder {folder} ({error.strerror}); set {key} to a "
+                           "writable folder") from None

@@ -2,16 +2,25 @@
 
 The driver talks to a group as to one object: `call` runs a method on every rank, `dispatch` splits a batch
 evenly over the ranks and concatenates what they return. Workers run with num_gpus=0 on CPU, unchanged on GPUs.
+Placement waits a bounded time and then says what the cluster lacks; `lost` tells which workers and nodes a failed
+call lost, so the driver can report (or restart after) a lost node instead of printing a collective's traceback.
 """
 from __future__ import annotations
 
 import functools
 import os
 import time
+from collections import defaultdict
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from tools.cli import InputError
+
+
+class PlacementTimeout(InputError):
+    """The cluster could not hold the requested workers in time: the user starts nodes or asks for fewer workers."""
 
 
 def timed_work(method):
@@ -34,6 +43,10 @@ class DistributedWorker:
     def pop_busy_time(self) -> float:
         busy, self._busy_s = getattr(self, "_busy_s", 0.0), 0.0
         return busy
+
+    def ping(self) -> bool:
+        """Answers while the process lives: how `WorkerGroup.lost` tells a dead worker from a failed call."""
+        return True
 
     def node_address(self) -> tuple[str, int]:
         import socket
@@ -63,11 +76,18 @@ class DistributedWorker:
 
 
 class WorkerGroup:
-    def __init__(self, worker_cls, world_size: int, use_gpu: bool, name: str, cpus_per_worker: float = 1.0):
-        self.world_size = world_size
+    def __init__(self, worker_cls, world_size: int, use_gpu: bool, name: str, cpus_per_worker: float = 1.0,
+                 placement_timeout_s: float = 120.0, request: str = "",
+                 remedy: str = "start the missing nodes or ask for fewer workers"):
+        """`request` (the config keys that asked for `world_size` workers) and `remedy` word the error when the
+        cluster cannot place them within `placement_timeout_s`."""
+        self.world_size, self.name = world_size, name
         bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        self.placement = placement_group([bundle] * world_size, strategy="PACK", name=f"{name}-pg")
-        ray.get(self.placement.ready())
+        self.placement = place(bundle, world_size, f"{name}-pg", placement_timeout_s, request, remedy)
+        self.node_ids = [placement_group_table(self.placement)["bundles_to_node_id"][rank] for rank in range(world_size)]
+        places = self.places(range(world_size))
+        print(f"{name}: {world_size} workers on {len(places)} node{'' if len(places) == 1 else 's'}: "
+              f"{'; '.join(f'{names} on {node_label(node)}' for node, names in places)}", flush=True)
         remote_cls = ray.remote(worker_cls)
         self.workers = [
             remote_cls.options(
@@ -98,7 +118,30 @@ class WorkerGroup:
         return ray.get([getattr(worker, method).remote(shard, *args, **kwargs, **extra)
                         for worker, shard, extra in zip(self.workers, shards, own)])
 
+    def lost(self, wait_s: float = 60.0) -> list[str]:
+        """What this group lost, one entry per place: "node IP (id 1a2b3c4d) with policy-1" when the node is gone,
+        "worker policy-1 on node IP" when only the process died. A worker that answers within `wait_s`, or is still
+        busy then, is not lost. The wait covers a node whose raylet was killed: Ray reports its actors dead only
+        once the cluster has noticed the node is gone."""
+        pings = [worker.ping.remote() for worker in self.workers]
+        ray.wait(pings, num_returns=len(pings), timeout=wait_s)
+        dead = [rank for rank, ping in enumerate(pings) if died(ping)]
+        return [f"node {node_label(node)} with {names}" if not node.get("Alive") else
+                f"worker {names} on node {node_label(node)}" for node, names in self.places(dead)]
+
+    def places(self, ranks) -> list[tuple[dict, str]]:
+        """(node, "policy-0, policy-1") for the nodes that hold `ranks`; node: its `ray.nodes()` entry."""
+        nodes = {node["NodeID"]: node for node in ray.nodes()}
+        names = defaultdict(list)
+        for rank in ranks:
+            names[self.node_ids[rank]].append(f"{self.name}-{rank}")
+        return [(nodes.get(node_id, {"NodeID": node_id}), ", ".join(group)) for node_id, group in names.items()]
+
     def shutdown(self) -> None:
+        """Stop the workers and free their placement; safe to call again (a restart stops a group before the run's
+        own shutdown does)."""
+        if self.placement is None:
+            return
         try:
             ray.get([worker.shutdown.remote() for worker in self.workers], timeout=30)
         except Exception:  # noqa: BLE001 - best effort: the processes are killed next anyway
@@ -106,3 +149,47 @@ class WorkerGroup:
         for worker in self.workers:
             ray.kill(worker)
         remove_placement_group(self.placement)
+        self.placement = None
+
+
+def place(bundle: dict, count: int, name: str, timeout_s: float, request: str, remedy: str):
+    """A placement group of `count` bundles, ready; after `timeout_s` it is removed and PlacementTimeout says what
+    was asked and what the cluster has (waiting forever on a cluster that lacks a node looks like a hang)."""
+    group = placement_group([bundle] * count, strategy="PACK", name=name)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        asked = f"{request} = {count} workers" if request else f"{count} workers"
+        raise PlacementTimeout(f"{asked} of {format_resources(bundle)} not placed within {timeout_s:g} s: "
+                               f"{cluster_summary(bundle)}; {remedy}") from None
+    return group
+
+
+def cluster_summary(bundle: dict) -> str:
+    """'the cluster has 1 node (CPU 2 free)': the live nodes and the free amount of each resource a bundle asks."""
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    free = ray.available_resources()
+    amounts = ", ".join(f"{key} {free.get(key, 0):g} free" for key in bundle)
+    return f"the cluster has {len(alive)} node{'' if len(alive) == 1 else 's'} ({amounts})"
+
+
+def format_resources(resources: dict) -> str:
+    return "{" + ", ".join(f"{key}: {value:g}" for key, value in resources.items()) + "}"
+
+
+def died(ref) -> bool:
+    """True when `ref` (a finished ping) failed: the actor is dead or unreachable (a ping cannot fail otherwise;
+    right after a node's raylet is killed Ray may call its actors "unavailable" rather than dead)."""
+    if not ray.wait([ref], timeout=0)[0]:
+        return False
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError:
+        return True
+    return False
+
+
+def node_label(node: dict) -> str:
+    """'10.0.0.2 (id 1a2b3c4d)': nodes on one machine share the address, so the id tells them apart."""
+    return f"{node.get('NodeManagerAddress', '?')} (id {node['NodeID'][:8]})"

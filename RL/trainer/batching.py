@@ -13,6 +13,7 @@ import numpy as np
 import ray
 import torch
 
+from RL.config.schema import VAL_OVERRIDABLE
 from RL.protocol import Batch, object_array
 from RL.rewards.interface import RewardInput
 from RL.rewards.manager import RewardResult
@@ -26,15 +27,26 @@ class NoQualifyingGroupsError(RuntimeError):
     pass
 
 
-def sampling_params(rollout, response_length: int, seed: int, validation: bool = False) -> SamplingParams:
-    override = dict(rollout.val_override_config) if validation else {}
+def rollout_settings(rollout, validation: bool = False) -> dict:
+    """worker.rollout's sampling keys; in validation with every key of `val_override_config` applied over them
+    (one place, so an accepted override key cannot silently miss the sampler on either engine)."""
+    settings = {key: getattr(rollout, key) for key in VAL_OVERRIDABLE}
+    if validation:
+        settings.update(rollout.val_override_config)
+    return settings
+
+
+def sampling_params(rollout, response_length: int, *seed_path: int | str, validation: bool = False) -> SamplingParams:
+    """The engines' SamplingParams (the vLLM engine translates the same object). The seed is derived from the
+    (possibly overridden) `seed` and `seed_path`, e.g. ("step", 3, "attempt", 0) or ("validation",)."""
+    settings = rollout_settings(rollout, validation)
     return SamplingParams(
-        n=int(override.get("n", rollout.n)), temperature=float(override.get("temperature", rollout.temperature)),
-        top_p=float(override.get("top_p", rollout.top_p)), top_k=rollout.top_k, max_new_tokens=response_length,
-        strategy=rollout.sampling_strategy, latent_size=rollout.latent_size,
-        latent_noise_std=0.0 if validation else rollout.monet.latent_noise_std,
-        latent_noise_relative=rollout.monet.latent_noise_scale == "rms", seed=seed,
-        repetition_penalty=rollout.repetition_penalty,
+        n=int(settings["n"]), temperature=float(settings["temperature"]), top_p=float(settings["top_p"]),
+        top_k=int(settings["top_k"]), max_new_tokens=response_length, strategy=settings["sampling_strategy"],
+        latent_size=rollout.latent_size, latent_noise_std=0.0 if validation else rollout.monet.latent_noise_std,
+        latent_noise_relative=rollout.monet.latent_noise_scale == "rms",
+        seed=derive_seed(int(settings["seed"]), *seed_path),
+        repetition_penalty=float(settings["repetition_penalty"]),
     )
 
 
@@ -115,7 +127,7 @@ class BatchMaker:
     def make_training_batch(self, step: int):
         rollout = self.config.worker.rollout
         if not rollout.online_difficulty_sampling:
-            params = sampling_params(rollout, self.response_length, self._seed(step, 0))
+            params = sampling_params(rollout, self.response_length, "step", step, "attempt", 0)
             batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}")
             return batch, self.score_async(self.reward_inputs(batch), step), {}
         return self._difficulty_sampled_batch(step)
@@ -125,7 +137,7 @@ class BatchMaker:
         kept, kept_rewards, seen = [], [], []
         tries = self.config.trainer.max_try_make_batch
         for attempt in itertools.count() if tries < 0 else range(tries):
-            params = sampling_params(rollout, self.response_length, self._seed(step, attempt))
+            params = sampling_params(rollout, self.response_length, "step", step, "attempt", attempt)
             batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}t{attempt}")
             result = ray.get(self.score_async(self.reward_inputs(batch), step))
             accuracy = correct_answers(result).reshape(-1, rollout.n).mean(-1)
@@ -149,15 +161,11 @@ class BatchMaker:
         metrics = {"rollout/difficulty_tries": attempt + 1, "rollout/group_accuracy_seen": float(np.mean(seen))}
         return batch, ray.put(result), metrics
 
-    def _seed(self, step: int, attempt: int) -> int:
-        return derive_seed(self.config.worker.rollout.seed, "step", step, "attempt", attempt)
-
     # ---- validation ------------------------------------------------------------------------------------------
     def validate(self, dataset, step: int, tracker) -> dict:
         rollout = self.config.worker.rollout
         size = self.config.data.val_batch_size if self.config.data.val_batch_size > 0 else len(dataset)
-        params = sampling_params(rollout, self.response_length, derive_seed(rollout.seed, "validation"),
-                                 validation=True)
+        params = sampling_params(rollout, self.response_length, "validation", validation=True)
         accuracies, rewards, lengths, blocks, logged = [], [], [], [], []
         for start in range(0, len(dataset), size):
             items = [dict(dataset[i]) for i in range(start, min(len(dataset), start + size))]

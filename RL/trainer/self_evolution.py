@@ -24,8 +24,6 @@ from RL.rewards.proposer import proposer_reward
 from RL.rewards.self_consistency import answer_stats
 from RL.trainer.base import RayTrainer, mean_dicts, timed
 from RL.trainer.batching import BatchMaker, logprob_diff, sampling_params
-from tools.seeding import derive_seed
-from workers.reward_worker import RewardWorker
 
 ROLES = ("solver", "proposer")
 SOLVER_REWARD = "RL/rewards/ireasoner.py:ireasoner_solver_reward"
@@ -47,17 +45,19 @@ class SelfEvolutionTrainer(RayTrainer):
     policy_names = ROLES
 
     def __init__(self, config, pool, val_dataset, processor, total_steps: int):
-        super().__init__(config, total_steps, has_validation=val_dataset is not None)
         self.pool, self.val_dataset, self.processor = pool, val_dataset, processor
+        super().__init__(config, total_steps, has_validation=val_dataset is not None)
         self.se = se = config.self_evolution
         self.templates = {"proposer": FormatPrompt(se.proposer_prompt), "solver": FormatPrompt(se.solver_prompt)}
-        self.reward = ray.remote(RewardWorker).options(num_cpus=0).remote(
-            solver_reward_config(config), config.worker.rule_based_judge, str(self.run_dir))
-        self.batches = BatchMaker(config, processor.tokenizer, self.rollout, self.reward, None, total_steps,
-                                  policy="solver")
         self.kl = {role: ExponentialKLController(se.kl_coef, se.kl_target, se.kl_rate) for role in ROLES}
         self.baselines = {role: 0.0 for role in ROLES}
         self.schedule_origin = 0  # the step the warm-up counts from; stored, so a resume does not restart it
+
+    def start_workers(self) -> None:
+        super().start_workers()
+        self.reward = self.start_reward_worker(solver_reward_config(self.config))
+        self.batches = BatchMaker(self.config, self.processor.tokenizer, self.rollout, self.reward, None,
+                                  self.total_steps, policy="solver")
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -92,13 +92,12 @@ class SelfEvolutionTrainer(RayTrainer):
                 "perf/throughput": tokens / timing["timing_s/step"] / self.world_size}
 
     def train_params(self, step: int):
-        return sampling_params(self.config.worker.rollout, self.config.data.max_response_length,
-                               derive_seed(self.config.worker.rollout.seed, "solve", step))
+        return sampling_params(self.config.worker.rollout, self.config.data.max_response_length, "solve", step)
 
     def propose(self, images: list, step: int) -> Batch:
         rollout, se = self.config.worker.rollout, self.se
         params = dataclasses.replace(
-            sampling_params(rollout, se.proposer_max_new_tokens, derive_seed(rollout.seed, "propose", step)),
+            sampling_params(rollout, se.proposer_max_new_tokens, "propose", step),
             n=se.questions_per_image, temperature=se.proposer_temperature, strategy="sample", latent_noise_std=0.0)
         items = [self.item("proposer", "", image) for image in images]
         return self.batches.generate(items, params, tag=f"s{step}p", policy="proposer")
@@ -153,10 +152,9 @@ class SelfEvolutionTrainer(RayTrainer):
     def validate(self, step: int) -> dict:
         """The solver answers each held-out question N times; its majority answer is judged against the label."""
         rollout = self.config.worker.rollout
-        override = dict(rollout.val_override_config)
-        params = dataclasses.replace(self.train_params(0), seed=derive_seed(rollout.seed, "validation"),
-                                     temperature=float(override.get("temperature", rollout.temperature)),
-                                     latent_noise_std=0.0)
+        # every val_override_config key but n: the majority vote needs the solver's N = worker.rollout.n answers
+        params = dataclasses.replace(sampling_params(rollout, self.config.data.max_response_length, "validation",
+                                                     validation=True), n=rollout.n)
         rows = [self.val_dataset[i] for i in range(len(self.val_dataset))]
         questions = [row["question"].replace(IMAGE_MARKER, "").strip() for row in rows]
         batch = self.solve([row["images"][0] for row in rows], questions, f"val{step}", params)

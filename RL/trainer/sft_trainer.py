@@ -25,15 +25,18 @@ class SFTTrainer(RayTrainer):
     roles = ("actor",)
 
     def __init__(self, config, dataset, processor, total_steps: int):
-        super().__init__(config, total_steps, has_validation=False)
         self.dataset, self.stage, self.sft = dataset, config.sft.stage, config.sft
+        super().__init__(config, total_steps, has_validation=False)
         self.pad_id = processor.tokenizer.pad_token_id
         self.loader = StatefulPromptLoader(dataset, self.sft.batch_size, shuffle=config.data.shuffle,
                                            seed=self.sft.seed, num_workers=config.data.dataloader_num_workers)
-        if self.stage == "monet2":
-            self.policy.call("init_teacher", self.sft.teacher_path)
         if self.stage == "monet3":
             dataset.targets = self.write_targets()
+
+    def start_workers(self) -> None:
+        super().start_workers()
+        if self.stage == "monet2":  # the frozen teacher lives on the workers: a restart loads it again
+            self.policy.call("init_teacher", self.sft.teacher_path)
 
     def train_step(self, step: int) -> dict:
         timing: dict = {}

@@ -13,7 +13,6 @@ from RL.algorithms import compute_advantages, make_kl_controller, masked_mean
 from RL.protocol import Batch
 from RL.trainer.base import RayTrainer, mean_dicts, timed
 from RL.trainer.batching import BatchMaker, logprob_diff, rollout_metrics
-from workers.reward_worker import RewardWorker
 
 POLICY = "actor"
 
@@ -23,16 +22,18 @@ class VLPOTrainer(RayTrainer):
     policy_names = (POLICY,)
 
     def __init__(self, config, train_loader, val_dataset, processor, total_steps: int):
+        self.train_loader, self.val_dataset, self.tokenizer = train_loader, val_dataset, processor.tokenizer
         super().__init__(config, total_steps, has_validation=val_dataset is not None)
-        self.train_loader, self.val_dataset = train_loader, val_dataset
-        self.reward = ray.remote(RewardWorker).options(num_cpus=0).remote(
-            config.worker.reward, config.worker.rule_based_judge, str(self.run_dir))
-        self.batches = BatchMaker(config, processor.tokenizer, self.rollout, self.reward, train_loader, total_steps,
-                                  policy=POLICY)
         algorithm = config.algorithm
         self.kl_controller = make_kl_controller(algorithm.kl_type, algorithm.kl_coef, algorithm.kl_target,
                                                 algorithm.kl_horizon)
         self.uses_reference = not algorithm.disable_kl
+
+    def start_workers(self) -> None:
+        super().start_workers()
+        self.reward = self.start_reward_worker(self.config.worker.reward)
+        self.batches = BatchMaker(self.config, self.tokenizer, self.rollout, self.reward, self.train_loader,
+                                  self.total_steps, policy=POLICY)
 
     def train_step(self, step: int) -> dict:
         timing: dict = {}

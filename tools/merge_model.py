@@ -3,11 +3,14 @@
     python -m tools.merge_model RUN_STEP_DIR [--role actor] [--out DIR] [--dtype auto|fp32|bf16|fp16] [--adapter-only]
 
 Reads `RUN_STEP_DIR/<role>/model` (torch.distributed.checkpoint, any world size) and `RUN_STEP_DIR/<role>/huggingface`
-(config, generation config, processor, adapter_config.json with LoRA), and writes `RUN_STEP_DIR/huggingface/`
-(`huggingface_<role>/` for roles other than actor), loadable with `AutoModelForImageTextToText` / `AutoProcessor`
-(after `import monet_models.processor`) or by vLLM. A LoRA role's checkpoint holds only its adapter: the base comes
-from the adapter_config.json's base model path. `--adapter-only` writes that adapter as a PEFT folder instead
-(`adapter_<role>/`, loadable with `PeftModel.from_pretrained(base, folder)`).
+(config, generation config, processor, adapter_config.json with LoRA, the run's latent_config.json), and writes
+`RUN_STEP_DIR/huggingface/` (`huggingface_<role>/` for roles other than actor), loadable with
+`AutoModelForImageTextToText` / `AutoProcessor` (after `import monet_models.processor`) or by vLLM. The run's settings
+(latent_config.json, its prompt template, generation_config.json) travel with the weights, so the merged folder
+evaluates and generates as the run did without its training config (monet_models/run_settings.py). A LoRA role's
+checkpoint holds only its adapter: the base comes from the adapter_config.json's base model path. `--adapter-only`
+writes that adapter as a PEFT folder instead (`adapter_<role>/`, loadable with `PeftModel.from_pretrained(base,
+folder)`).
 """
 from __future__ import annotations
 
@@ -21,14 +24,19 @@ from pathlib import Path
 
 import torch
 
+from monet_models.run_settings import copy_run_settings
+from RL.checkpoint import complete_steps
+from tools.cli import ArgumentParser, InputError, run_cli
+
 SAVE_OK = "SAVE_OK"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 PEFT_PREFIX = "base_model.model."
 
 
-class MergeError(RuntimeError):
-    """A checkpoint that can not be merged (incomplete, missing files, keys that do not fit the model)."""
+class MergeError(InputError):
+    """A checkpoint that can not be merged (not a checkpoint, incomplete, missing files, keys that do not fit the
+    model): bad input the user fixes by passing another folder, so one `error:` line and exit status 2."""
 
 
 def merge_checkpoint(step_dir: str | Path, role: str = "actor", out_dir: str | Path | None = None,
@@ -46,7 +54,7 @@ def merge_checkpoint(step_dir: str | Path, role: str = "actor", out_dir: str | P
     else:
         model = build_adapter_model(hf_dir, state, adapter)
         if adapter_only:
-            _save_adapter(model, out)
+            _save_adapter(model, hf_dir, out)
             return out
         model = model.merge_and_unload()
     model = model.to(_target_dtype(dtype, model.config, state))
@@ -97,12 +105,13 @@ def build_adapter_model(hf_dir: Path, state: dict[str, torch.Tensor], adapter: s
     return model
 
 
-def _save_adapter(model, out: Path) -> None:
+def _save_adapter(model, hf_dir: Path, out: Path) -> None:
     """adapter_config.json + adapter_model.safetensors, written next to `out` first (no half folder on failure)."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
+    copy_run_settings(hf_dir, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -110,8 +119,10 @@ def _save_adapter(model, out: Path) -> None:
 
 def _check_inputs(step_dir: Path, role: str) -> tuple[Path, Path]:
     if not step_dir.is_dir():
-        raise MergeError(f"{step_dir} is not a folder")
+        raise MergeError(f"{step_dir} is not a folder; pass a checkpoint step folder such as runs/<run>/step_000050")
     if not (step_dir / SAVE_OK).is_file():
+        if not _holds_checkpoint_parts(step_dir):
+            raise MergeError(_not_a_checkpoint(step_dir))
         raise MergeError(f"{step_dir} has no {SAVE_OK}: the checkpoint was not completely written "
                          "(a crash during the save?); merge an earlier step instead")
     role_dir = step_dir / role
@@ -121,6 +132,21 @@ def _check_inputs(step_dir: Path, role: str) -> tuple[Path, Path]:
             roles = sorted(child.name for child in step_dir.iterdir() if (child / "model").is_dir())
             raise MergeError(f"{needed} is missing (roles in this checkpoint: {roles or 'none'})")
     return role_dir, hf_dir
+
+
+def _holds_checkpoint_parts(folder: Path) -> bool:
+    """Whether `folder` has what a step folder holds besides SAVE_OK (a role's model/ shards, trainer_state.pt)."""
+    return (folder / "trainer_state.pt").is_file() or any((child / "model").is_dir() for child in folder.iterdir())
+
+
+def _not_a_checkpoint(folder: Path) -> str:
+    """What a folder that is no checkpoint at all is, and the step folder to pass instead (a run folder's newest)."""
+    message = (f"{folder} is not a checkpoint step folder: expected {folder}/<role>/model (the DCP shards), "
+               f"{folder}/<role>/huggingface and {folder}/{SAVE_OK}; pass runs/<run>/step_NNNNNN")
+    steps = complete_steps(folder)
+    if steps:
+        message += f" (this looks like a run folder: its newest complete checkpoint is {steps[-1][1]})"
+    return message
 
 
 def load_dcp_state_dict(dcp_dir: Path) -> dict[str, torch.Tensor]:
@@ -243,14 +269,13 @@ def _save(model, hf_dir: Path, out: Path) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     load_processor(str(hf_dir)).save_pretrained(tmp)
+    copy_run_settings(hf_dir, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tools.cli import ArgumentParser
-
     parser = ArgumentParser(prog="python -m tools.merge_model", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step_dir", help="a checkpoint folder such as runs/<run>/step_000050")
@@ -267,6 +292,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from tools.cli import run_cli
-
-    run_cli(main, MergeError)
+    run_cli(main)

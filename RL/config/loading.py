@@ -11,25 +11,32 @@ from typing import Any, Iterator, Optional, get_args, get_type_hints
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from monet_models.run_settings import LATENT_CONFIG, RunSettingsError, config_defaults
 from RL.config.checks import get_dotted, problems
 from RL.config.schema import REPO_ROOT, ConfigError, RootConfig
 from tools.secrets import redact as redact_secrets  # the one home of the secret rules
+
+MODEL_PATH_KEY = "worker.actor.model.model_path"
 
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_config(argv: list[str], *, require_inputs: bool = True) -> RootConfig:
     """Build the config from `argv` (`config=path.yaml` and `dotted.key=value` items) and finalize it.
 
+    Layers, each above the one before: the schema defaults, the settings the model folder carries (its
+    latent_config.json, monet_models/run_settings.py), the config file, the command line.
     `require_inputs=False` skips the check for train_files/model_path (for printing the reference).
     """
     yaml_path, overrides = _split_argv(argv)
-    merged = _schema()
-    if yaml_path:
-        layer, stated = _drop_derived(_load_yaml(yaml_path))
-        merged = _merge(merged, layer, str(yaml_path))
-        _check_stated_derived(merged, stated, str(yaml_path))
+    schema = _schema()  # first: it refuses a bad LATENT_SIZE, which every dataclass default below would trip on
+    yaml_layer, stated = _drop_derived(_load_yaml(yaml_path)) if yaml_path else (OmegaConf.create(), {})
     cli = _parse_dotlist(overrides)
     _refuse_derived(cli, "command line")
+    model_path = _model_path(yaml_layer, cli)
+    merged = _merge(schema, _model_folder_layer(model_path), f"{model_path}/{LATENT_CONFIG}")
+    if yaml_path:
+        merged = _merge(merged, yaml_layer, str(yaml_path))
+        _check_stated_derived(merged, stated, str(yaml_path))
     merged = _merge(merged, cli, "command line")
     try:
         cfg = OmegaConf.to_object(merged)
@@ -56,6 +63,30 @@ def _split_argv(argv: list[str]) -> tuple[Optional[Path], list[str]]:
         else:
             overrides.append(item)
     return yaml_path, overrides
+
+
+def _model_path(*layers) -> str:
+    """The model folder the layers name (a later layer wins, as in the merge); "" when none does."""
+    for layer in reversed(layers):
+        value = OmegaConf.select(layer, MODEL_PATH_KEY, default=None)
+        if value:
+            return str(value)
+    return ""
+
+
+def _model_folder_layer(model_path: str):
+    """The settings the model folder carries, as a layer of defaults (empty for a folder without them or a hub id);
+    so a merged checkpoint evaluates and trains on as its run did without that run's config file."""
+    layer = OmegaConf.create()
+    if not model_path:
+        return layer
+    try:
+        defaults = config_defaults(Path(os.path.expanduser(model_path)))
+    except RunSettingsError as error:
+        raise ConfigError(f"{MODEL_PATH_KEY}: {error}") from None
+    for key, value in defaults.items():
+        OmegaConf.update(layer, key, value)
+    return layer
 
 
 def _load_yaml(path: Path):
@@ -202,6 +233,7 @@ def derive(cfg: RootConfig) -> RootConfig:
     actor.temperature = rollout.temperature
     if ref.monet_rl_sigma is None:
         ref.monet_rl_sigma = actor.monet_rl_sigma
+    actor.ref_monet_rl_sigma = ref.monet_rl_sigma
     _absolutize_paths(cfg)
     cfg.trainer.run_dir = str(Path(cfg.trainer.save_dir) / cfg.trainer.experiment_name)
     return cfg

@@ -9,6 +9,12 @@ Engine settings that latent decoding needs, whatever the config says: prefix cac
 latent, not on its token id), async scheduling off (the block state reads each step's sampled token), and no
 preemption: `generate` refuses batches whose worst case does not fit the KV cache.
 
+Memory on CPU: the KV cache is `worker.rollout.cpu_kvcache_space_gb` GiB (VLLM_CPU_KVCACHE_SPACE wins), by default
+what the batch needs (max_num_seqs sequences of max_model_len tokens) and at least 1 GiB, passed as vLLM's
+`kv_cache_memory_bytes`; never a fraction of the host's memory (vLLM's `gpu_memory_utilization` on CPU reserves 92%
+of it and refuses to start on a busy machine). A cache the host cannot hold, or one too small for a sequence, is an
+`InputError` naming the key.
+
 LoRA: start with `lora_rank > 0`, register adapters with `add_lora(name, folder)` (e.g. "solver", "proposer"),
 pick one per call with `generate(..., lora=name)`. Re-adding a name with a new folder replaces that adapter.
 """
@@ -19,10 +25,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
+import psutil
 import torch
 
 from monet_models.latent_tokens import LatentTokens
+from tools.cli import InputError
 from workers.rollout.engines import vllm_available
 from workers.rollout.base import PromptInput, RolloutEngine, RolloutSample, SamplingParams, Weights, weights_items
 from workers.rollout.latent_state import LatentLayout
@@ -31,6 +40,14 @@ from workers.rollout.sampling import base_seed, request_seed
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+KV_KEY = "worker.rollout.cpu_kvcache_space_gb"
+MIN_CPU_KV_CACHE_GB = 1.0
+CPU_BLOCK_SIZE = 128  # vLLM's CPU default; the cache is allocated in whole blocks
+
+
+class KVCacheError(InputError):
+    """A vLLM KV cache on CPU that does not fit the host or the batch; the message names the key to change."""
 
 
 def engine_kwargs(model_path: str, config, seed: int, lora_rank: int = 0, max_loras: int = 2,
@@ -62,12 +79,69 @@ def engine_kwargs(model_path: str, config, seed: int, lora_rank: int = 0, max_lo
         kwargs["block_size"] = setting("block_size", 0)
     if on_gpu:
         kwargs.update(gpu_memory_utilization=setting("gpu_memory_utilization", 0.6), enable_sleep_mode=True)
-    elif setting("cpu_kvcache_space_gb", 0):
-        kwargs["kv_cache_memory_bytes"] = int(setting("cpu_kvcache_space_gb", 0) * 2**30)
+    else:
+        kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model_path, config)
     if lora_rank > 0:
         rank = next((r for r in LORA_RANKS if r >= lora_rank), lora_rank)
         kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=max_loras)
     return kwargs
+
+
+def cpu_kv_cache_bytes(model_path: str, config) -> int:
+    """The CPU KV cache: VLLM_CPU_KVCACHE_SPACE GiB when set (vLLM reads it itself, over any argument), else
+    `cpu_kvcache_space_gb`, else what max_num_seqs sequences of max_model_len tokens need and at least 1 GiB.
+    Checked here against one sequence and the free memory, which vLLM reports only from its engine process."""
+    per_token = kv_bytes_per_token(model_path, getattr(config, "dtype", "bf16"))
+    block = getattr(config, "block_size", 0) or CPU_BLOCK_SIZE
+    max_len = getattr(config, "max_model_len", 0) or _text_config(model_path).max_position_embeddings
+    sequence = -(-max_len // block) * block * per_token
+    given = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 0) or getattr(config, "cpu_kvcache_space_gb", 0)
+    if given:
+        size = int(given * 2**30)
+        if size < sequence:
+            raise KVCacheError(f"{KV_KEY}: {given} GiB holds {size // per_token} KV tokens, but one sequence of "
+                               f"max_model_len {max_len} needs {_gib(sequence)} GiB; raise {KV_KEY} (or "
+                               "VLLM_CPU_KVCACHE_SPACE, which wins) or lower the prompt and response lengths")
+    else:
+        size = max(int(MIN_CPU_KV_CACHE_GB * 2**30), getattr(config, "max_num_seqs", 128) * sequence)
+    weights = sum(path.stat().st_size for path in Path(model_path).glob("*.safetensors"))
+    available = psutil.virtual_memory().available
+    if size + weights > available:
+        raise KVCacheError(f"{KV_KEY}: vLLM on CPU needs {_gib(size)} GiB for its KV cache and {_gib(weights)} GiB "
+                           f"for the weights, but {_gib(available)} GiB of host memory are available; set {KV_KEY} "
+                           "lower (or lower worker.rollout.max_num_seqs / the prompt and response lengths), or free "
+                           "memory")
+    return size
+
+
+def kv_bytes_per_token(model_path: str, dtype: str) -> int:
+    """Keys and values of every decoder layer for one token: 2 x layers x KV heads x head size x dtype bytes."""
+    text = _text_config(model_path)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * DTYPE_BYTES.get(dtype, 2)
+
+
+def _text_config(model_path: str):
+    """The language model's config (Qwen2.5-VL's text_config), from a folder or the local hub cache."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).get_text_config()
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f}"
+
+
+def _memory_error(error: BaseException) -> bool:
+    """Whether vLLM refused for lack of host memory or KV cache ("Available memory ... less than", "... KV cache
+    is needed, which is larger than the available KV cache memory"), anywhere in the chain. Only an engine in this
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0) raises them here; `cpu_kv_cache_bytes` checks first either way."""
+    while error is not None:
+        if "Available memory" in str(error) or "KV cache" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -83,7 +157,15 @@ class VLLMRolloutEngine(RolloutEngine):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokens = LatentTokens.from_tokenizer(tokenizer)
         self.real_vocab_size = len(tokenizer)
-        self.llm = LLM(**engine_kwargs(model_path, config, seed, lora_rank, max_loras, config_overrides))
+        kwargs = engine_kwargs(model_path, config, seed, lora_rank, max_loras, config_overrides)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as error:
+            if torch.cuda.is_available() or not _memory_error(error):
+                raise
+            raise KVCacheError(f"vLLM could not start with a {_gib(kwargs['kv_cache_memory_bytes'])} GiB KV cache "
+                               f"({str(error).splitlines()[0][:200]}); set {KV_KEY} to what this host can hold and the "
+                               "batch needs") from error
         self.max_num_seqs = getattr(config, "max_num_seqs", 128)
         info = self.llm.collective_rpc("monet_engine_info")[0]
         self.kv_tokens, self.block_size = info["kv_tokens"], info["block_size"]

@@ -65,7 +65,8 @@ def test_actor_log_probs_match_the_rollout(actor_and_batch):
 
 def test_non_finite_gradient_skips_the_step_and_a_finite_one_updates(actor_and_batch):
     actor, batch, cfg = actor_and_batch
-    batch.tensors["old_log_probs"] = actor.model.score(batch, sigma=cfg.monet_rl_sigma, adapter=None)
+    batch.tensors["old_log_probs"], batch.tensors["ref_latent_means"] = actor.model.score_with_means(
+        batch, sigma=cfg.monet_rl_sigma, adapter=None)  # the reference: the actor itself, with its latent means
     batch.tensors["ref_log_probs"] = batch.tensors["old_log_probs"].clone()
     weights = lambda: {k: full_tensor(v.detach()).clone() for k, v in actor.model.module.named_parameters()}  # noqa: E731
     before = weights()

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
+from monet_models.run_settings import settings_from_config
 from monet_models.transformers import load_latent_model
-from RL.algorithms import compute_kl
 from tools.seeding import derive_seed
 from workers.actor.lora import adapter_tensors, apply_lora, lora_config
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel
 from workers.actor.sft_losses import save_latents, sft_update, stage2_latents
-from workers.actor.updates import ppo_update
+from workers.actor.updates import latent_rows, ppo_update, reference_kl
 from workers.group import DistributedWorker, timed_work
 from workers.rollout.base import SamplingParams
 from workers.rollout.engines import use_vllm
@@ -112,8 +112,9 @@ class PolicyWorker(DistributedWorker):
     @timed_work
     def compute_log_probs(self, batch, policy: str, key: str) -> dict:
         """Old log-probs of this rank's shard under `policy`; returns the rollout/actor disagreement on text."""
-        old = self.model.score(batch, self.config.worker.actor.monet_rl_sigma, self.policies[policy].adapter)
-        self._kept.setdefault(key, {})["old_log_probs"] = old
+        old, means = self.model.score_with_means(batch, self.config.worker.actor.monet_rl_sigma,
+                                                 self.policies[policy].adapter)
+        self._kept.setdefault(key, {}).update(old_log_probs=old, old_latent_means=means)
         text = batch.tensors["response_mask"].bool() & (batch.tensors["rollout_log_probs"] != 0)
         diff = (old - batch.tensors["rollout_log_probs"]).abs()[text]
         return {"logprob_diff_sum": float(diff.sum()), "text_tokens": int(text.sum())}
@@ -123,12 +124,16 @@ class PolicyWorker(DistributedWorker):
         """Reference log-probs (a frozen copy, or the base with every adapter disabled). With `reward_kl` (a KL
         estimator name) returns the per-token KL of the old log-probs to them, for a KL penalty in the reward."""
         sigma = self.config.worker.ref.monet_rl_sigma
-        ref = (self.ref_model or self.model).score(batch, sigma, None)
+        ref, ref_means = (self.ref_model or self.model).score_with_means(batch, sigma, None)
         kept = self._kept.setdefault(key, {})
-        kept["ref_log_probs"] = ref
+        kept.update(ref_log_probs=ref, ref_latent_means=ref_means)
+        old_means = kept.pop("old_latent_means")  # only the KL in the reward reads them; the update has its own
         if reward_kl is None:
             return None
-        return compute_kl(kept["old_log_probs"], ref, reward_kl) * batch.tensors["response_mask"].float()
+        latent_mask = batch.tensors["responses"] == self.model.latent_pad_id
+        kl = reference_kl(reward_kl, self.config.worker.actor, latent_mask, kept["old_log_probs"],
+                          latent_rows(old_means, latent_mask), ref, latent_rows(ref_means, latent_mask))
+        return kl * batch.tensors["response_mask"].float()
 
     @timed_work
     def update_policy(self, batch, policy: str, key: str, advantages: torch.Tensor, mini_batch_size: int,
@@ -165,7 +170,8 @@ class PolicyWorker(DistributedWorker):
             policy_dir = Path(folder) / name
             policy.save(str(policy_dir))
             if self.rank == 0:
-                self.model.save_hf_files(str(policy_dir / "huggingface"), policy.adapter)
+                self.model.save_hf_files(str(policy_dir / "huggingface"), settings_from_config(self.config, name),
+                                         policy.adapter)
 
     def load_checkpoint(self, folder: str) -> None:
         for name, policy in self.policies.items():

@@ -72,7 +72,7 @@ def _check_data(data: DataConfig, require_inputs: bool) -> Iterator[str]:
         if files is None:
             yield f"data.{key}: expected a path or a list of paths, got {getattr(data, key)!r}"
         elif require_inputs and key == "train_files" and not files:
-            yield "data.train_files: required (a data file, a folder or a list of them)"
+            yield "data.train_files: required; name a .json, .jsonl or .parquet file, a folder of them or a list"
     for key in ("max_prompt_length", "max_response_length", "rollout_batch_size", "online_accum_size",
                 "min_pixels", "max_pixels"):
         if getattr(data, key) < 1:
@@ -147,12 +147,16 @@ def _check_rollout(cfg: RootConfig) -> Iterator[str]:
         yield f"worker.rollout.monet.latent_noise_std: must be >= 0, got {rollout.monet.latent_noise_std}"
     if not 0 < rollout.gpu_memory_utilization <= 1:
         yield f"worker.rollout.gpu_memory_utilization: must be in (0, 1], got {rollout.gpu_memory_utilization}"
+    if rollout.cpu_kvcache_space_gb < 0:
+        yield ("worker.rollout.cpu_kvcache_space_gb: must be >= 0 (0: what the batch needs), "
+               f"got {rollout.cpu_kvcache_space_gb}")
     if rollout.tensor_parallel_size < 1 or cfg.trainer.n_gpus_per_node % rollout.tensor_parallel_size:
         yield (f"worker.rollout.tensor_parallel_size, trainer.n_gpus_per_node: tensor_parallel_size "
                f"({rollout.tensor_parallel_size}) must divide n_gpus_per_node ({cfg.trainer.n_gpus_per_node})")
     unknown = sorted(set(rollout.val_override_config) - set(VAL_OVERRIDABLE))
     if unknown:
         yield f"worker.rollout.val_override_config: unknown keys {unknown}; allowed: {', '.join(VAL_OVERRIDABLE)}"
+    yield from _check_val_override(rollout)
     if rollout.online_difficulty_sampling:
         threshold = rollout.monet.select_acc_threshold
         if not 0 < threshold <= 1:
@@ -165,11 +169,43 @@ def _check_rollout(cfg: RootConfig) -> Iterator[str]:
                    f"batch of prompts ({cfg.data.online_accum_size} < {cfg.data.rollout_batch_size})")
 
 
+VAL_OVERRIDE_TYPES = {"n": ("an integer", int), "top_k": ("an integer", int), "seed": ("an integer", int),
+                      "temperature": ("a number", (int, float)), "top_p": ("a number", (int, float)),
+                      "repetition_penalty": ("a number", (int, float)), "sampling_strategy": ("a string", str)}
+
+
+def _check_val_override(rollout) -> Iterator[str]:
+    """The values val_override_config sets meet the rollout's own rules here, not at the first validation."""
+    override = {k: v for k, v in rollout.val_override_config.items() if k in VAL_OVERRIDABLE}
+    key = "worker.rollout.val_override_config"
+    for name, value in override.items():
+        kind, types = VAL_OVERRIDE_TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            yield f"{key}.{name}: expected {kind}, got {value!r}"
+            return
+    strategy = override.get("sampling_strategy", rollout.sampling_strategy)
+    strategies = CHOICES["worker.rollout.sampling_strategy"]
+    if strategy not in strategies:
+        yield f"{key}.sampling_strategy: {strategy!r} is not one of {', '.join(strategies)}"
+    elif override.keys() & {"temperature", "sampling_strategy"}:
+        temperature = override.get("temperature", rollout.temperature)
+        if temperature < 0 or (temperature == 0 and strategy == "sample"):
+            yield (f"{key}.temperature: {temperature} with sampling_strategy={strategy} in validation; need > 0 "
+                   "(or >= 0 with monet; greedy decoding is sampling_strategy: greedy)")
+    if override.get("n", 1) < 1:
+        yield f"{key}.n: must be >= 1, got {override['n']}"
+    if not 0 < override.get("top_p", 1) <= 1:
+        yield f"{key}.top_p: must be in (0, 1], got {override['top_p']}"
+    if override.get("repetition_penalty", 1) <= 0:
+        yield f"{key}.repetition_penalty: must be > 0, got {override['repetition_penalty']}"
+
+
 def _check_algorithm(cfg: RootConfig) -> Iterator[str]:
     algorithm, n = cfg.algorithm, cfg.worker.rollout.n
     if algorithm.adv_estimator in ("grpo", "rloo") and n < 2:
         yield (f"algorithm.adv_estimator, worker.rollout.n: {algorithm.adv_estimator} compares samples within a "
                f"prompt group and needs worker.rollout.n >= 2, got {n}")
+    yield from _check_zero_advantages(cfg)
     if algorithm.disable_kl and algorithm.use_kl_loss:
         yield ("algorithm.disable_kl, algorithm.use_kl_loss: disable_kl removes the reference model; "
                "set algorithm.use_kl_loss=false too")
@@ -181,11 +217,43 @@ def _check_algorithm(cfg: RootConfig) -> Iterator[str]:
         yield f"algorithm.gamma: must be in [0, 1], got {algorithm.gamma}"
 
 
+def _check_zero_advantages(cfg: RootConfig) -> Iterator[str]:
+    """Settings under which an advantage is 0 for every sample, so a role would train on nothing and say nothing
+    (groups of one sample, groups whose samples are all the same, a batch that whitens to 0)."""
+    algorithm, rollout, se = cfg.algorithm, cfg.worker.rollout, cfg.self_evolution
+    group_based = algorithm.adv_estimator in ("grpo", "rloo")
+    if rollout.sampling_strategy == "greedy" and rollout.n >= 2 and (group_based or se.advantage == "grpo"):
+        keys = "algorithm.adv_estimator" if group_based else "self_evolution.advantage"
+        yield (f"worker.rollout.sampling_strategy, {keys}: greedy decoding makes the {rollout.n} samples of a "
+               "prompt identical, so every group's advantage is 0; use sampling_strategy=monet or sample")
+    if se.advantage == "grpo" and se.questions_per_image < 2:
+        yield ("self_evolution.advantage, self_evolution.questions_per_image: grpo compares the proposer's questions "
+               f"about one image, so with questions_per_image={se.questions_per_image} its advantage is always 0; "
+               "set questions_per_image >= 2 or advantage=ema_baseline")
+    if se.advantage == "grpo" and rollout.n < 2:
+        yield ("self_evolution.advantage, worker.rollout.n: grpo compares the solver's answers to one question, so "
+               f"with n={rollout.n} its advantage is always 0; set worker.rollout.n >= 2 or advantage=ema_baseline")
+    in_reward_kl = not algorithm.disable_kl and not algorithm.use_kl_loss
+    if algorithm.adv_estimator == "reinforce_plus_plus" and algorithm.gamma == 1 and not in_reward_kl and \
+            cfg.data.rollout_batch_size * rollout.n == 1:
+        yield ("algorithm.adv_estimator, data.rollout_batch_size, worker.rollout.n: reinforce_plus_plus whitens the "
+               "returns over the batch, and a batch of one sample (gamma=1) whitens to 0; use more samples per step")
+    threshold = rollout.monet.select_acc_threshold
+    if rollout.online_difficulty_sampling and rollout.n >= 2 and 0 < threshold < 1 / rollout.n:
+        yield (f"worker.rollout.monet.select_acc_threshold, worker.rollout.n: a group's accuracy is a multiple of "
+               f"1/{rollout.n}, so none lies in (0, {threshold}] and no batch can be made; raise the threshold to "
+               f">= {1 / rollout.n:.3g}")
+
+
 def _check_trainer(cfg: RootConfig) -> Iterator[str]:
     trainer = cfg.trainer
     for key in ("total_epochs", "nnodes", "n_gpus_per_node"):
         if getattr(trainer, key) < 1:
             yield f"trainer.{key}: must be >= 1, got {getattr(trainer, key)}"
+    if trainer.placement_timeout_s <= 0:
+        yield f"trainer.placement_timeout_s: must be > 0 seconds, got {trainer.placement_timeout_s}"
+    if trainer.max_restarts < 0:
+        yield f"trainer.max_restarts: must be >= 0, got {trainer.max_restarts}"
     if trainer.max_steps is not None and trainer.max_steps < 1:
         yield f"trainer.max_steps: must be >= 1 or null, got {trainer.max_steps}"
     for key in ("val_freq", "save_freq", "save_limit", "max_try_make_batch"):

@@ -116,6 +116,7 @@ class ActorConfig:
     use_kl_loss: bool = derived(True, "algorithm.use_kl_loss and not algorithm.disable_kl")
     kl_penalty: str = derived("low_var_kl", "algorithm.kl_penalty")
     temperature: float = derived(1.0, "worker.rollout.temperature")
+    ref_monet_rl_sigma: float = derived(10.0, "worker.ref.monet_rl_sigma")  # the exact latent KL needs both σ
 
 
 # ------------------------------------------------------------------------------------------------------- rollout
@@ -147,7 +148,7 @@ class RolloutConfig:
     enforce_eager: bool = True
     limit_images: int = 4  # max images per prompt for the engine; 0 = no limit
     block_size: int = 0  # vLLM KV-cache block in tokens; 0 = vLLM's default (on CPU 128; a multiple of 32 there)
-    cpu_kvcache_space_gb: float = 0.0  # vLLM on CPU: KV cache GiB; 0 = vLLM's default (VLLM_CPU_KVCACHE_SPACE wins)
+    cpu_kvcache_space_gb: float = 0.0  # vLLM on CPU: KV cache GiB; 0 = VLLM_CPU_KVCACHE_SPACE, else what the batch needs (>= 1)
     repetition_penalty: float = 1.0
     val_override_config: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1, "n": 1})
     # derived from data.*
@@ -215,6 +216,8 @@ class TrainerConfig:
     save_dir: str = "runs"
     resume: bool = True  # continue from the newest complete checkpoint of the run
     seed: int = 1
+    placement_timeout_s: float = 120.0  # wait this long for the cluster to hold every worker, then say what is missing
+    max_restarts: int = 0  # after a lost worker or node: restart the workers from the newest checkpoint, up to N times
     # derived
     run_dir: str = derived("", "trainer.save_dir / trainer.experiment_name")
 

@@ -6,7 +6,7 @@ import torch
 from monet_models.latent_tokens import LatentTokens, add_latent_tokens
 from monet_models.processor import load_processor
 from monet_models.transformers.latent_qwen2_5_vl import LatentForwardOutput, LatentQwen2_5_VLForConditionalGeneration
-from monet_models.transformers.log_probs import latent_log_density, sequence_log_probs, token_log_probs
+from monet_models.transformers.log_probs import latent_log_density, latent_means, sequence_log_probs, token_log_probs
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -57,5 +57,5 @@ def _flash_available() -> bool:
 
 __all__ = [
     "LatentForwardOutput", "LatentQwen2_5_VLForConditionalGeneration", "load_latent_model", "sequence_log_probs",
-    "token_log_probs", "latent_log_density", "DTYPES",
+    "token_log_probs", "latent_log_density", "latent_means", "DTYPES",
 ]

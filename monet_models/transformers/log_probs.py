@@ -20,9 +20,9 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 def latent_log_density(latents: torch.Tensor, means: torch.Tensor, sigma: float, scale_by_dim: bool = False):
     """log N(z; μ, σ²I) per latent up to the σ-free constant −(D/2)·log 2π, in fp32; optionally divided by D.
 
-    The −D·log σ term cancels in every ratio of two densities with the same σ, but the actor and the reference
-    may have different σ (`worker.ref.monet_rl_sigma`): without it their log-ratio, and so the latent KL, would not
-    be a KL at all.
+    The −D·log σ term cancels in every ratio of two densities with the same σ (the PPO ratio), and keeps the
+    density a true one when σ is compared across policies. The KL to the reference does not use this one-sample
+    log-ratio at latent positions: it takes the exact Gaussian KL from the means (`RL.algorithms.kl.gaussian_kl`).
     """
     diff = latents.float() - means.float()
     dim = diff.shape[-1]
@@ -53,7 +53,13 @@ def sequence_log_probs(
         if latent_embeds is None or latent_embeds.shape[0] != count:
             got = 0 if latent_embeds is None else latent_embeds.shape[0]
             raise ValueError(f"{got} latent vectors for {count} latent pads")
-        means = hidden_states[:, :-1][latent_mask]
-        density = latent_log_density(latent_embeds, means, sigma, scale_by_dim)
+        density = latent_log_density(latent_embeds, latent_means(hidden_states, input_ids, latent_pad_id), sigma,
+                                     scale_by_dim)
         values = values.masked_scatter(latent_mask, density)
     return torch.nn.functional.pad(values, (1, 0))
+
+
+def latent_means(hidden_states: torch.Tensor, input_ids: torch.Tensor, latent_pad_id: int) -> torch.Tensor:
+    """(latents, D) fp32: the mean μ of each latent pad of `input_ids` (the hidden state one position before it),
+    in row-major order of the pads, the order the latents are recorded in."""
+    return hidden_states[:, :-1][input_ids[:, 1:] == latent_pad_id].float()

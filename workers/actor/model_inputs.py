@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from monet_models.transformers import sequence_log_probs
+from monet_models.transformers import latent_means, sequence_log_probs
 from monet_models.transformers.packing import pack, unpack
 
 
@@ -31,6 +31,13 @@ def model_inputs(batch, device) -> dict:
 def position_log_probs(module, inputs: dict, temperature: float, sigma: float, scale_by_dim: bool,
                        padding_free: bool) -> torch.Tensor:
     """(B, L) log-likelihood of every position under `module` (tokens at temperature, latents as Gaussians)."""
+    return position_scores(module, inputs, temperature, sigma, scale_by_dim, padding_free)[0]
+
+
+def position_scores(module, inputs: dict, temperature: float, sigma: float, scale_by_dim: bool,
+                    padding_free: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`position_log_probs`, and the (latents, D) fp32 means of the latent steps in the order they were recorded
+    (what the exact latent KL to the reference is computed from)."""
     pad_id = _latent_pad_id(module)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     latents = inputs["latent_embeds"]
@@ -38,14 +45,14 @@ def position_log_probs(module, inputs: dict, temperature: float, sigma: float, s
                   latent_mode=True)
     if not padding_free:
         out = module(input_ids=ids, attention_mask=mask, **common)
-        return sequence_log_probs(out.logits, out.hidden_states, ids, latents, pad_id, temperature, sigma,
-                                  scale_by_dim)
+        return (sequence_log_probs(out.logits, out.hidden_states, ids, latents, pad_id, temperature, sigma,
+                                   scale_by_dim), latent_means(out.hidden_states, ids, pad_id))
     positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
     packed_ids, packed_positions, keep = pack(ids, mask, positions)
     out = module(input_ids=packed_ids, position_ids=packed_positions, **common)
     values = sequence_log_probs(out.logits, out.hidden_states, packed_ids, latents, pad_id, temperature, sigma,
                                 scale_by_dim)
-    return unpack(values, keep)
+    return unpack(values, keep), latent_means(out.hidden_states, packed_ids, pad_id)
 
 
 def unwrapped(module):

@@ -12,10 +12,11 @@ from contextlib import contextmanager
 
 import torch
 
+from monet_models.run_settings import write_run_settings
 from monet_models.transformers import DTYPES, load_latent_model
 from workers.actor.fsdp import full_tensor, shard_model
 from workers.actor.lora import apply_lora, is_adapter_key
-from workers.actor.model_inputs import model_inputs, position_log_probs, unwrapped
+from workers.actor.model_inputs import model_inputs, position_scores, unwrapped
 
 
 class ShardedModel:
@@ -63,21 +64,37 @@ class ShardedModel:
         return [p for name, p in self.module.named_parameters() if is_adapter_key(name, adapter)]
 
     # ---- log-probs -------------------------------------------------------------------------------------------
-    def log_probs(self, micro, sigma: float) -> torch.Tensor:
-        """(B, R) log-likelihood of each response position of `micro`, with gradients when in train mode."""
+    def scores(self, micro, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, R) log-likelihood of each response position of `micro` and the (latents, D) fp32 means of its
+        latent steps in recorded order, with gradients when in train mode."""
         cfg = self.config
-        values = position_log_probs(self.module, model_inputs(micro, self.device), cfg.temperature, sigma,
-                                    cfg.latent_logprob_scale == "dim", cfg.padding_free)
-        return values[:, -micro.tensors["responses"].shape[1]:]
+        values, means = position_scores(self.module, model_inputs(micro, self.device), cfg.temperature, sigma,
+                                        cfg.latent_logprob_scale == "dim", cfg.padding_free)
+        return values[:, -micro.tensors["responses"].shape[1]:], means
+
+    @property
+    def latent_pad_id(self) -> int:
+        return unwrapped(self.module).latent_tokens.pad
 
     @torch.no_grad()
     def score(self, batch, sigma: float, adapter: str | None) -> torch.Tensor:
         """Log-probs of a whole batch (old or reference log-probs), in eval mode and micro-batches."""
+        return self.score_with_means(batch, sigma, adapter)[0]
+
+    @torch.no_grad()
+    def score_with_means(self, batch, sigma: float, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score`, and the means of each sample's latent steps, (B, M, D) zero-padded to the most latents M of a
+        sample, kept beside the log-probs so the latent KL to the reference can be exact (RL.algorithms.kl)."""
         self.module.eval()
         micro_size = self.config.micro_batch_size_per_device_for_experience
+        log_probs, means = [], []
         with self.use(adapter):
-            parts = [self.log_probs(micro, sigma).float().cpu() for micro in batch.split(micro_size)]
-        return torch.cat(parts, dim=0)
+            for micro in batch.split(micro_size):
+                values, micro_means = self.scores(micro, sigma)
+                log_probs.append(values.float().cpu())
+                counts = (micro.tensors["responses"] == self.latent_pad_id).sum(-1).tolist()
+                means += micro_means.cpu().split(counts)
+        return torch.cat(log_probs, dim=0), torch.nn.utils.rnn.pad_sequence(means, batch_first=True)
 
     # ---- weights ---------------------------------------------------------------------------------------------
     def gather_weights(self, adapter: str | None = None) -> dict[str, torch.Tensor]:
@@ -104,11 +121,13 @@ class ShardedModel:
 
         set_model_state_dict(self.module, state, options=StateDictOptions(strict=not self.adapters))
 
-    def save_hf_files(self, folder: str, adapter: str | None = None) -> None:
-        """config.json, generation config, processor (and the adapter's adapter_config.json) for merging later."""
+    def save_hf_files(self, folder: str, settings: dict, adapter: str | None = None) -> None:
+        """config.json, processor, the adapter's adapter_config.json (for merging later) and how to run the model:
+        the run's `settings` (`monet_models.run_settings.settings_from_config`) as latent_config.json and
+        generation_config.json, which every folder merged from this one carries."""
         base = unwrapped(self.module)
         base.config.save_pretrained(folder)
-        base.generation_config.save_pretrained(folder)
+        write_run_settings(folder, settings, self.processor.tokenizer, base.generation_config)
         self.processor.save_pretrained(folder)
         if adapter is not None:
             config = self.module.peft_config[adapter]

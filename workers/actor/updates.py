@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from RL.algorithms import aggregate_loss, compute_kl, compute_policy_loss
+from RL.algorithms import aggregate_loss, compute_kl, compute_policy_loss, with_exact_latent_kl
 from workers.actor.fsdp import all_reduce_sum, full_tensor
 from workers.actor.policy import Policy
 
@@ -84,7 +84,7 @@ def run_epochs(policy: Policy, batch, mini_batch_size: int, epochs: int, step_fn
 # ---- PPO / GRPO with the latent Gaussian terms (VLPO, and the self-evolution roles) -----------------------------
 def ppo_loss(policy: Policy, micro, counts: GlobalCounts, cfg, kl_coef: float):
     """Clipped policy-gradient loss over text and latent positions, plus the KL loss to the reference."""
-    log_probs = policy.model.log_probs(micro, cfg.monet_rl_sigma)
+    log_probs, means = policy.model.scores(micro, cfg.monet_rl_sigma)
     device = log_probs.device
     mask = micro.tensors["response_mask"].to(device).float()
     pg_tokens, pg_metrics = compute_policy_loss(
@@ -93,11 +93,28 @@ def ppo_loss(policy: Policy, micro, counts: GlobalCounts, cfg, kl_coef: float):
     loss = pg_loss = counts.mean(pg_tokens, mask, cfg.loss_avg_mode)
     shares = {"actor/pg_loss": pg_loss.detach()}
     if cfg.use_kl_loss and "ref_log_probs" in micro.tensors.keys():
-        kl = counts.mean(compute_kl(log_probs, micro.tensors["ref_log_probs"].to(device), cfg.kl_penalty), mask,
-                         cfg.loss_avg_mode)
+        latent_mask = micro.tensors["responses"].to(device) == policy.model.latent_pad_id
+        per_position = reference_kl(cfg.kl_penalty, cfg, latent_mask, log_probs, means,
+                                    micro.tensors["ref_log_probs"].to(device),
+                                    latent_rows(micro.tensors["ref_latent_means"].to(device), latent_mask))
+        kl = counts.mean(per_position, mask, cfg.loss_avg_mode)
         loss = loss + kl_coef * kl
         shares["actor/kl_loss"] = kl.detach()
     return loss, shares, {f"actor/{key}": value for key, value in pg_metrics.items()}
+
+
+def reference_kl(estimator: str, cfg, latent_mask: torch.Tensor, log_probs: torch.Tensor, means: torch.Tensor,
+                 ref_log_probs: torch.Tensor, ref_means: torch.Tensor) -> torch.Tensor:
+    """Per-position KL to the reference (B, T): `estimator`'s (algorithm.kl_penalty) estimate at text positions,
+    the exact Gaussian KL from the (latents, D) means at latent ones (docs/design.md, the VLPO objective)."""
+    return with_exact_latent_kl(compute_kl(log_probs, ref_log_probs, estimator), latent_mask, means, ref_means,
+                                cfg.monet_rl_sigma, cfg.ref_monet_rl_sigma, cfg.latent_logprob_scale == "dim")
+
+
+def latent_rows(padded: torch.Tensor, latent_mask: torch.Tensor) -> torch.Tensor:
+    """(latents, D) in `latent_mask`'s row-major order from (B, M, D) means zero-padded per sample."""
+    counts = latent_mask.sum(-1).to(padded.device)
+    return padded[torch.arange(padded.shape[1], device=padded.device)[None] < counts[:, None]]
 
 
 def ppo_update(policy: Policy, batch, cfg, mini_batch_size: int, kl_coef: float) -> dict:

@@ -11,7 +11,7 @@
 #   bash examples/eval.sh runs/_embedded/tiny_sft_model config=examples/config/vlpo_tiny_cpu.yaml \
 #       data.val_files=examples/toy_data/generated/val.jsonl eval.category_column=kind ablate=zero,shuffle,noise,text
 set -euo pipefail
-source "$(dirname "$0")/common.sh"
+source "$(dirname "$0")/common.sh" "$@"
 
 if [ "$#" -lt 1 ] || [[ "$1" == *=* ]]; then
   echo "usage: bash examples/eval.sh MODEL_DIR data.val_files=FILE [method=...] [ablate=...] [key=value ...]" >&2

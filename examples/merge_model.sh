@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Merge a training checkpoint (DCP shards, LoRA merged in) into a Hugging Face folder RUN_STEP_DIR/huggingface/.
+#
 #   bash examples/merge_model.sh runs/<run>/step_000050 [ROLE]     (ROLE: actor by default; solver / proposer)
 #   ROLE=solver bash examples/merge_model.sh runs/<run>/step_000050 [--adapter-only]
+#
 # Extra options go to tools.merge_model (--out DIR, --dtype auto|fp32|bf16|fp16, --adapter-only).
 set -euo pipefail
-if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    echo "usage: [ROLE=solver] $0 RUN_STEP_DIR [ROLE] [--out DIR] [--dtype auto|fp32|bf16|fp16] [--adapter-only]" >&2
-    exit 2
+STEP_DIR="${1:-}"
+[[ -d "$STEP_DIR" ]] && STEP_DIR="$(cd "$STEP_DIR" && pwd)"  # before common.sh moves to the repository root
+source "$(dirname "$0")/common.sh" "$@"
+if [[ -z "$STEP_DIR" ]]; then
+  echo "usage: [ROLE=solver] bash examples/merge_model.sh RUN_STEP_DIR [ROLE] [--out DIR]" \
+    "[--dtype auto|fp32|bf16|fp16] [--adapter-only]" >&2
+  exit 2
 fi
-STEP_DIR="$1"; shift
+shift
 ROLE="${ROLE:-actor}"
 if [[ $# -gt 0 && "$1" != --* ]]; then ROLE="$1"; shift; fi
-[[ -d "$STEP_DIR" ]] && STEP_DIR="$(cd "$STEP_DIR" && pwd)"  # before common.sh moves to the repository root
-source "$(dirname "$0")/common.sh"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 exec "$PYTHON" -m tools.merge_model "$STEP_DIR" --role "$ROLE" "$@"

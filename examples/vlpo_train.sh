@@ -5,33 +5,33 @@
 #
 # Defaults are Monet's vlpo_train.sh (examples/config/vlpo_monet.yaml); extra dotted overrides win. Re-running
 # with the same trainer.experiment_name resumes from its newest complete checkpoint. LATENT_SIZE sets K.
+#
 # With no model given and no GPU, it runs the embedded default: a tiny Qwen2.5-VL built offline, warm-started
 # with the latent SFT chain on the bundled toy task (Monet stages 1 -> 2 -> 3, examples/sft_train.sh), then trained
-# with VLPO from the stage-3 model on a local Ray cluster (about 4.5 minutes on 2 CPU cores).
+# with VLPO from the stage-3 model on a local Ray cluster (examples/config/vlpo_tiny_cpu.yaml; about 4.5 minutes on
+# 2 CPU cores). Your key=value overrides reach only the VLPO run, e.g. your own rows on the tiny model:
+#   bash examples/vlpo_train.sh data.train_files=my.jsonl data.val_files=my_val.jsonl
+# The warm start is sealed: built once, with only these settings, recorded in its SFT_OK and rebuilt when they change:
+#   SFT_STEPS_1, SFT_STEPS_2, SFT_STEPS_3   steps of the Monet stages (default 100, 60, 250)
+#   LATENT_SIZE                             K, latent steps per block (default 10; VLPO's too)
+# Environment: EMBEDDED_DIR (the tiny model and the warm start, default runs/_embedded), TOY_DIR (the toy data,
+# default examples/toy_data/generated), DRY_RUN=1 (print the commands, run nothing).
 set -euo pipefail
-source "$(dirname "$0")/common.sh"
+source "$(dirname "$0")/common.sh" "$@"
 
 if ! model_given "$@" && ! has_gpu; then
   embedded_env
-  CONFIG=examples/config/vlpo_tiny_cpu.yaml
-  # The warm start is Monet's SFT chain on the toy task (examples/sft_train.sh): stage 1 with a zoomed view of the
-  # shape in the chain, stage 2 with the zoom seen only by the latents, stage 3 without it. It has to get the model
-  # reading the image, not only the answer format: VLPO this short sharpens a readout the warm start has begun but
-  # cannot find one (README section 2).
-  if [ ! -f "$EMBEDDED/tiny_sft_model/SFT_OK" ]; then
-    echo "== embedded default: building the tiny model and toy task, then the latent SFT chain (Monet stages 1-3)"
-    "$PYTHON" -m tools.make_tiny_model --out "$EMBEDDED/tiny_model"
-    "$PYTHON" -m tools.toy_task --out "$TOY" --sft
-    SFT_OUT="$EMBEDDED/tiny_sft_model" bash examples/sft_train.sh "$@"
-    touch "$EMBEDDED/tiny_sft_model/SFT_OK"
-  fi
+  # The warm start has to get the model reading the image, not only the answer format: VLPO this short sharpens a
+  # readout the warm start has begun but cannot find one (README section 2). None of "$@" reaches it.
+  echo "== embedded default: the tiny model, the toy task and the latent SFT warm start (Monet stages 1-3)"
+  bash examples/sft_train.sh
   echo "== embedded default: VLPO on a local Ray cluster (CPU)"
-  exec "$PYTHON" -m RL.main config="$CONFIG" worker.actor.model.model_path="$EMBEDDED/tiny_sft_model" \
-    worker.rollout.latent_size="$LATENT_SIZE" "$@"
+  run_last "$PYTHON" -m RL.main config=examples/config/vlpo_tiny_cpu.yaml \
+    worker.actor.model.model_path="$EMBEDDED/tiny_sft_model" data.train_files="$TOY/train.jsonl" \
+    data.val_files="$TOY/val.jsonl" worker.rollout.latent_size="$LATENT_SIZE" "$@"
 fi
 
 if ! model_given "$@"; then
-  echo "give the SFT checkpoint to train: worker.actor.model.model_path=/path/to/monet-sft-stage3" >&2
-  exit 2
+  fail "give the SFT checkpoint to train: worker.actor.model.model_path=/path/to/monet-sft-stage3"
 fi
-exec "$PYTHON" -m RL.main config=examples/config/vlpo_monet.yaml worker.rollout.latent_size="$LATENT_SIZE" "$@"
+run_last "$PYTHON" -m RL.main config=examples/config/vlpo_monet.yaml worker.rollout.latent_size="$LATENT_SIZE" "$@"

@@ -41,7 +41,7 @@ setup(
     version="0.1.0",
     description="Ray-based RL for vision-language models reasoning with latent visual tokens (VLPO, proposer-solver).",
     python_requires=">=3.11",
-    packages=find_packages(include=["RL*", "workers*", "monet_models*", "tools*"]),
+    packages=find_packages(include=["tools*", "RL*", "workers*", "rewards*", "algorithms*", "monet_models*", "common*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     # vLLM loads general plugins in every one of its processes: this registers the latent-aware model class.

@@ -1,1 +1,1 @@
-"""Driver side: config tree, batch container, data, algorithms, rewards and trainers (`python -m RL.main`)."""
+"""Driver side: config tree, batch container, data, algorithms, rewards and trainers (`python -m RL.train_vlpo`)."""

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from tools.cli import InputError, disk_full, no_space_failure
+from common.cli import InputError, disk_full, no_space_failure
 
 SAVE_OK = "SAVE_OK"
 TRAINER_STATE = "trainer_state.pt"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from RL.checkpoint import check_checkpoint, complete_steps
 from RL.config.checks import get_dotted
-from tools.cli import InputError, log_errors_to
-from tools.model_folder import check_model_folder
+from common.cli import InputError, log_errors_to
+from common.model_folder import check_model_folder
 
 MODEL_KEY = "worker.actor.model.model_path"  # the reference model is the same folder
 
@@ -23,7 +23,7 @@ class SaveDirError(InputError):
 
 def preflight(config, model_keys: tuple[str, ...] = (MODEL_KEY,)) -> None:
     """Refuse a damaged model folder or resume checkpoint, or a read-only trainer.save_dir; then send a failure's
-    traceback to the run folder (`tools.cli.log_errors_to`)."""
+    traceback to the run folder (`common.cli.log_errors_to`)."""
     for key in model_keys:
         if get_dotted(config, key):
             check_model_folder(get_dotted(config, key), key)

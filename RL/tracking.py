@@ -1,7 +1,7 @@
 """Metric logging for every trainer: metrics.jsonl (always), console, wandb and tensorboard when asked.
 
 metrics.jsonl is the source of truth (plots and tests read it); the other sinks are views of it. Everything that
-reaches a sink goes through `tools.secrets.redact` first: secret-named keys, the values of secret config keys and
+reaches a sink goes through `common.secrets.redact` first: secret-named keys, the values of secret config keys and
 secret environment variables, and key-shaped strings are masked, so an API key can not leak through a config dump,
 a metric or a logged generation.
 """
@@ -17,8 +17,8 @@ from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
 
-from tools.cli import disk_full, no_space_failure
-from tools.secrets import redact, secret_values  # the one home of the secret rules
+from common.cli import disk_full, no_space_failure
+from common.secrets import redact, secret_values  # the one home of the secret rules
 
 CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "val/accuracy", "actor/pg_loss", "actor/kl_loss",
                 "rollout/latent_blocks", "solver/self_consistency", "proposer/reward", "val/majority_accuracy",

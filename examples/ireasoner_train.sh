@@ -37,16 +37,16 @@ toy_data=$(content_hash "$TOY/selfplay_sft.jsonl" "$TOY/images/train")
 tiny_model=$(content_hash "$EMBEDDED/tiny_model")"
   if open_warm_start "$settings" "$MODEL"; then
     echo "== embedded default: the proposer/solver warm start"
-    run_step "$PYTHON" -m RL.sft "${warm_start[@]}"
+    run_step "$PYTHON" -m RL.train_sft "${warm_start[@]}"
     seal_warm_start "$settings" "$MODEL"
   fi
   echo "== embedded default: self-evolution on a local Ray cluster (CPU)"
-  run_last "$PYTHON" -m RL.self_evolution config="$CONFIG" worker.actor.model.model_path="$MODEL" \
+  run_last "$PYTHON" -m RL.train_self_evolution config="$CONFIG" worker.actor.model.model_path="$MODEL" \
     data.image_dir="$TOY/images" data.val_files="$TOY/val.jsonl" worker.rollout.latent_size="$LATENT_SIZE" "$@"
 fi
 
 if ! model_given "$@"; then
   fail "give the base model: worker.actor.model.model_path=/path/to/Qwen2.5-VL-7B-Instruct"
 fi
-run_last "$PYTHON" -m RL.self_evolution config=examples/config/ireasoner.yaml worker.rollout.latent_size="$LATENT_SIZE" \
+run_last "$PYTHON" -m RL.train_self_evolution config=examples/config/ireasoner.yaml worker.rollout.latent_size="$LATENT_SIZE" \
   "$@"

@@ -95,13 +95,13 @@ tiny_model=$(content_hash "$EMBEDDED/tiny_model")"
   fi
   echo "== embedded latent SFT, Monet stage 1: the toy chains with the zoomed image in them"
   toy_stage_args monet1 "$EMBEDDED"
-  run_step "$PYTHON" -m RL.sft "${STAGE_ARGS[@]}" sft.output_dir="$EMBEDDED/sft_monet1"
+  run_step "$PYTHON" -m RL.train_sft "${STAGE_ARGS[@]}" sft.output_dir="$EMBEDDED/sft_monet1"
   echo "== Monet stage 2: the zoom seen only by the latents, aligned to stage 1's observation states"
   toy_stage_args monet2 "$EMBEDDED"
-  run_step "$PYTHON" -m RL.sft "${STAGE_ARGS[@]}" sft.output_dir="$EMBEDDED/sft_monet2"
+  run_step "$PYTHON" -m RL.train_sft "${STAGE_ARGS[@]}" sft.output_dir="$EMBEDDED/sft_monet2"
   echo "== Monet stage 3: no zoom; the latents learn stage 2's, from the stage-1 model"
   toy_stage_args monet3 "$EMBEDDED"
-  run_step "$PYTHON" -m RL.sft "${STAGE_ARGS[@]}" sft.output_dir="$model"
+  run_step "$PYTHON" -m RL.train_sft "${STAGE_ARGS[@]}" sft.output_dir="$model"
   seal_warm_start "$settings" "$model"
 }
 
@@ -120,7 +120,7 @@ if ! model_given "$@" && ! has_gpu; then
   ensure_toy_inputs
   toy_stage_args "$stage" "$stages"
   echo "== embedded latent SFT, stage $stage on the toy task: the model in $stages/sft_$stage"
-  run_last "$PYTHON" -m RL.sft "${STAGE_ARGS[@]}" sft.output_dir="$stages/sft_$stage" "${rest[@]}"
+  run_last "$PYTHON" -m RL.train_sft "${STAGE_ARGS[@]}" sft.output_dir="$stages/sft_$stage" "${rest[@]}"
 fi
 
 if [ -z "$stage" ]; then
@@ -129,4 +129,4 @@ fi
 if ! model_given "$@"; then
   fail "give the model to train: worker.actor.model.model_path=/path/to/model"
 fi
-run_last "$PYTHON" -m RL.sft config="examples/config/sft_${stage}.yaml" sft.stage="$stage" "${rest[@]}"
+run_last "$PYTHON" -m RL.train_sft config="examples/config/sft_${stage}.yaml" sft.stage="$stage" "${rest[@]}"

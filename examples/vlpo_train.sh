@@ -26,7 +26,7 @@ if ! model_given "$@" && ! has_gpu; then
   echo "== embedded default: the tiny model, the toy task and the latent SFT warm start (Monet stages 1-3)"
   bash examples/sft_train.sh
   echo "== embedded default: VLPO on a local Ray cluster (CPU)"
-  run_last "$PYTHON" -m RL.main config=examples/config/vlpo_tiny_cpu.yaml \
+  run_last "$PYTHON" -m RL.train_vlpo config=examples/config/vlpo_tiny_cpu.yaml \
     worker.actor.model.model_path="$EMBEDDED/tiny_sft_model" data.train_files="$TOY/train.jsonl" \
     data.val_files="$TOY/val.jsonl" worker.rollout.latent_size="$LATENT_SIZE" "$@"
 fi
@@ -34,4 +34,4 @@ fi
 if ! model_given "$@"; then
   fail "give the SFT checkpoint to train: worker.actor.model.model_path=/path/to/monet-sft-stage3"
 fi
-run_last "$PYTHON" -m RL.main config=examples/config/vlpo_monet.yaml worker.rollout.latent_size="$LATENT_SIZE" "$@"
+run_last "$PYTHON" -m RL.train_vlpo config=examples/config/vlpo_monet.yaml worker.rollout.latent_size="$LATENT_SIZE" "$@"

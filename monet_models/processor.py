@@ -13,7 +13,7 @@ from transformers import AutoProcessor, PreTrainedTokenizerBase, Qwen2_5_VLConfi
 from transformers.processing_utils import ProcessorMixin
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
-from tools.model_folder import ModelFolderError  # stdlib-only: the error class entry points report in one line
+from common.model_folder import ModelFolderError  # stdlib-only: the error class entry points report in one line
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):

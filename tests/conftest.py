@@ -59,7 +59,7 @@ def vlpo_sft_model(tmp_path_factory, toy_data_dir):
     """The tiny model after a short latent SFT on Ray (the default stage: a block, then the boxed answer), so rollouts
     open latent blocks: (model, data dir, run root)."""
     from RL.config import load_config
-    from RL.sft import run_sft
+    from RL.train_sft import run_sft
     from tests.test_vlpo_ray import overrides
     from tools.make_tiny_model import build_tiny_model
 
@@ -74,7 +74,7 @@ def vlpo_sft_model(tmp_path_factory, toy_data_dir):
 def selfplay_model(tmp_path_factory):
     """The tiny model briefly warm-started on the toy proposer/solver formats, and the toy images."""
     from RL.config import load_config
-    from RL.sft import run_sft
+    from RL.train_sft import run_sft
     from tests.test_self_evolution import CONFIG, REPO
     from tools.make_tiny_model import build_tiny_model
     from tools.toy_task import make_toy_dataset

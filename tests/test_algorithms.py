@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from RL.algorithms import (
+from algorithms import (
     ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,

@@ -1,7 +1,7 @@
 """Bad data is one `error:` line (exit 2) naming the config key and the file, with nothing trained or left half-written;
 a malformed JSON line is skipped as `bad_json` with its line number and the rest of the file loads.
 
-The entry-point cases run the real `python -m RL.main` (or RL.sft / RL.evaluate) in a subprocess on the tiny model:
+The entry-point cases run the real `python -m RL.train_vlpo` (or RL.train_sft / RL.evaluate) in a subprocess on the tiny model:
 data loads before Ray starts, so each takes seconds, not a training run.
 """
 import json
@@ -106,7 +106,7 @@ def test_bad_vlpo_data_is_one_line_and_trains_nothing(case, tiny_model_dir, toy_
     overrides, fragments = case(tmp_path, toy_data_dir)
     written = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     run_dir = tmp_path / "runs" / "bad_data"
-    result = run_entry("RL.main", [f"config={TINY_CPU}", f"worker.actor.model.model_path={tiny_model_dir}",
+    result = run_entry("RL.train_vlpo", [f"config={TINY_CPU}", f"worker.actor.model.model_path={tiny_model_dir}",
                                    f"data.train_files={toy_data_dir}/train.jsonl",
                                    f"data.val_files={toy_data_dir}/val.jsonl", f"trainer.save_dir={tmp_path}/runs",
                                    "trainer.experiment_name=bad_data", *overrides])
@@ -118,7 +118,7 @@ def test_bad_vlpo_data_is_one_line_and_trains_nothing(case, tiny_model_dir, toy_
 def test_sft_with_no_usable_row_names_each_reason(tiny_model_dir, toy_data_dir, tmp_path):
     rows = [{**row, "images": ["gone.png"]} for row in toy_rows(toy_data_dir)[:3]] + ['{"problem": "cut off']
     path = write_jsonl(tmp_path / "sft.jsonl", rows)
-    result = run_entry("RL.sft", [f"config={TINY_CPU}", f"worker.actor.model.model_path={tiny_model_dir}",
+    result = run_entry("RL.train_sft", [f"config={TINY_CPU}", f"worker.actor.model.model_path={tiny_model_dir}",
                                   f"data.train_files={path}", f"trainer.save_dir={tmp_path}/runs",
                                   f"sft.output_dir={tmp_path}/sft"])
     assert_refused(result, "data.train_files", "no usable rows for sft.stage=mirage2", str(path),

@@ -56,14 +56,14 @@ USER_ARGS = ["data.train_files=/data/my.jsonl", "worker.actor.optim.lr=1e-6"]
 def test_embedded_vlpo_gives_user_overrides_to_vlpo_only(tmp_path):
     result = launch("vlpo_train.sh", *USER_ARGS, folder=tmp_path, DRY_RUN="1", SFT_STEPS_3="7")
     assert result.returncode == 0, result.stderr
-    warm_start = module_runs(result.stdout, "RL.sft")
+    warm_start = module_runs(result.stdout, "RL.train_sft")
     assert [arg for command in warm_start for arg in command if arg.startswith("sft.stage=")] == [
         "sft.stage=monet1", "sft.stage=monet2", "sft.stage=monet3"]
     toy_rows = f"data.train_files={tmp_path / 'toy' / 'sft_monet.json'}"
     for command in warm_start:
         assert toy_rows in command and not set(USER_ARGS) & set(command)
     assert "sft.steps=7" in warm_start[-1]
-    (vlpo,) = module_runs(result.stdout, "RL.main")
+    (vlpo,) = module_runs(result.stdout, "RL.train_vlpo")
     assert vlpo[-2:] == USER_ARGS  # last, so they win over the embedded defaults
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
 
@@ -71,9 +71,9 @@ def test_embedded_vlpo_gives_user_overrides_to_vlpo_only(tmp_path):
 def test_embedded_self_evolution_gives_user_overrides_to_self_evolution_only(tmp_path):
     result = launch("ireasoner_train.sh", *USER_ARGS, folder=tmp_path, DRY_RUN="1")
     assert result.returncode == 0, result.stderr
-    (warm_start,) = module_runs(result.stdout, "RL.sft")
+    (warm_start,) = module_runs(result.stdout, "RL.train_sft")
     assert not set(USER_ARGS) & set(warm_start)
-    (run,) = module_runs(result.stdout, "RL.self_evolution")
+    (run,) = module_runs(result.stdout, "RL.train_self_evolution")
     assert run[-2:] == USER_ARGS
 
 
@@ -96,7 +96,7 @@ def test_embedded_sft_refusals(args, message, tmp_path):
 def test_embedded_sft_stage_runs_that_stage_on_the_toy_rows(stage, rows, model, tmp_path):
     result = launch("sft_train.sh", f"stage={stage}", "sft.steps=3", folder=tmp_path, DRY_RUN="1")
     assert result.returncode == 0, result.stderr
-    (command,) = module_runs(result.stdout, "RL.sft")
+    (command,) = module_runs(result.stdout, "RL.train_sft")
     embedded = tmp_path / "embedded"
     for expected in (f"sft.stage={stage}", f"data.train_files={tmp_path / 'toy' / rows}",
                      f"worker.actor.model.model_path={embedded / model}",

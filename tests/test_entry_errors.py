@@ -18,7 +18,7 @@ from tests.helpers import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CPU = REPO / "examples" / "config" / "vlpo_tiny_cpu.yaml"
-ENTRY_POINTS = ["RL.main", "RL.sft", "RL.self_evolution", "RL.evaluate", "tools.generate", "tools.judge",
+ENTRY_POINTS = ["RL.main", "RL.train_vlpo", "RL.train_sft", "RL.train_self_evolution", "RL.evaluate", "tools.generate", "tools.judge",
                 "tools.merge_model"]
 
 
@@ -70,11 +70,12 @@ def test_help_prints_the_usage_and_does_nothing_else(module, tmp_path):
     result = run(module, ["--help", f"trainer.save_dir={tmp_path / 'runs'}"] if module.startswith("RL") else ["-h"],
                  tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("usage:") and module in result.stdout.splitlines()[0]
+    runs = {"RL.main": "RL.train_vlpo"}.get(module, module)  # Monet's command runs the VLPO entry
+    assert result.stdout.startswith("usage:") and runs in result.stdout.splitlines()[0]
     assert result.stderr == "" and not (tmp_path / "runs").exists()
 
 
-BUG = "from tools.cli import run_cli\ndef main(argv):\n    print(argv)\n    return 1 / 0\nrun_cli(main)\n"
+BUG = "from common.cli import run_cli\ndef main(argv):\n    print(argv)\n    return 1 / 0\nrun_cli(main)\n"
 
 
 def test_a_failure_is_one_line_naming_the_log_and_debug_prints_the_traceback(tmp_path):
@@ -99,7 +100,7 @@ def ray_dir():
 
 @pytest.mark.slow  # starts a Ray cluster
 def test_a_ray_task_error_caused_by_bad_input_is_reported_as_that_input_error(ray_dir, tmp_path):
-    code = ("import ray\nfrom tools.cli import InputError, run_cli\n"
+    code = ("import ray\nfrom common.cli import InputError, run_cli\n"
             "def fails():\n    raise InputError('data.train_files: rows.jsonl:3: no question')\n"
             "def main(argv):\n"
             f"    ray.init(num_cpus=1, include_dashboard=False, _temp_dir={ray_dir!r})\n"
@@ -139,7 +140,7 @@ def damaged_model(tiny_model_dir: str, folder: Path, damage: str) -> Path:
 def test_a_damaged_model_folder_is_refused_before_ray_naming_the_file(damage, fragments, tiny_model_dir,
                                                                       toy_data_dir, tmp_path):
     model = damaged_model(tiny_model_dir, tmp_path / "model", damage)
-    result = run("RL.main", vlpo_args(tmp_path, model, toy_data_dir), tmp_path)
+    result = run("RL.train_vlpo", vlpo_args(tmp_path, model, toy_data_dir), tmp_path)
     assert_one_line(result, 2, str(model), *fragments)
     assert_logged(temp_logs(tmp_path)[-1], "ModelFolderError")
     assert not (tmp_path / "runs").exists()  # nothing written
@@ -161,7 +162,7 @@ def read_only_dir(tmp_path):
 
 def test_a_read_only_save_dir_is_refused_before_ray(read_only_dir, tiny_model_dir, toy_data_dir, tmp_path):
     args = vlpo_args(tmp_path, tiny_model_dir, toy_data_dir) + [f"trainer.save_dir={read_only_dir}"]
-    result = run("RL.main", args, tmp_path)
+    result = run("RL.train_vlpo", args, tmp_path)
     assert_one_line(result, 2, "trainer.save_dir", str(read_only_dir / "run"), "Read-only file system")
     assert_logged(temp_logs(tmp_path)[-1], "SaveDirError")
 
@@ -197,7 +198,7 @@ def test_an_unreadable_checkpoint_is_refused_on_resume_naming_it(damage, fragmen
     else:
         (newest / "trainer_state.pt").unlink()
     before = sorted(path.name for path in run_dir.iterdir())
-    result = run("RL.main", vlpo_args(tmp_path, tiny_model_dir, toy_data_dir, **{"trainer.max_steps": 10}), tmp_path)
+    result = run("RL.train_vlpo", vlpo_args(tmp_path, tiny_model_dir, toy_data_dir, **{"trainer.max_steps": 10}), tmp_path)
     assert_one_line(result, 2, str(newest), fragment, f"delete {newest}", "trainer.resume=false")
     assert_logged(temp_logs(tmp_path)[-1], "CheckpointError")
     assert sorted(path.name for path in run_dir.iterdir()) == before  # nothing written into the run
@@ -206,7 +207,7 @@ def test_an_unreadable_checkpoint_is_refused_on_resume_naming_it(damage, fragmen
 def test_a_failure_after_the_checks_logs_in_the_run_folder(tiny_model_dir, tmp_path):
     (tmp_path / "data").mkdir()  # a folder holding no data files: found when the data loads, after preflight
     args = vlpo_args(tmp_path, tiny_model_dir, tmp_path / "data")
-    result = run("RL.main", args, tmp_path)
+    result = run("RL.train_vlpo", args, tmp_path)
     assert_one_line(result, 2, "data.train_files", str(tmp_path / "data"))
     assert_logged(tmp_path / "runs" / "run" / "logs" / "error.log")
     assert not temp_logs(tmp_path)
@@ -234,7 +235,7 @@ def test_a_full_disk_mid_run_fails_naming_it_and_keeps_the_last_checkpoint(small
         "trainer.save_dir": small_disk, "trainer.max_steps": 4, "trainer.save_freq": 1, "trainer.save_limit": 2,
         "trainer.n_gpus_per_node": 1, "data.rollout_batch_size": 4, "worker.actor.global_batch_size": 4,
         "worker.rollout.n": 2, "data.max_response_length": 16})
-    result = run("RL.main", args, tmp_path, RAY_TMPDIR=ray_dir)
+    result = run("RL.train_vlpo", args, tmp_path, RAY_TMPDIR=ray_dir)
     last = assert_one_line(result, 1, "no space left writing", str(small_disk / "run"), "full traceback in")
     [log] = temp_logs(tmp_path)  # the run folder's disk is full: the log went to the temp dir
     assert str(log) in last

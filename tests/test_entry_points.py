@@ -30,10 +30,10 @@ def assert_user_error(result, messages, *fragments: str) -> None:
 
 
 @pytest.mark.parametrize("module, args, fragments", [
-    ("RL.main", ["worker.rollout.nn=1"], ["worker.rollout.nn: unknown key", "worker.rollout.n"]),
-    ("RL.main", ["worker.rollout.temperature=nan"], ["worker.rollout.temperature: must be a finite number"]),
-    ("RL.main", ["config=/no/such/run.yaml"], ["config: no such file /no/such/run.yaml"]),
-    ("RL.sft", ["data.train_files=t.jsonl", "sft.stepz=3"], ["sft.stepz: unknown key", "sft.steps"]),
+    ("RL.train_vlpo", ["worker.rollout.nn=1"], ["worker.rollout.nn: unknown key", "worker.rollout.n"]),
+    ("RL.train_vlpo", ["worker.rollout.temperature=nan"], ["worker.rollout.temperature: must be a finite number"]),
+    ("RL.train_vlpo", ["config=/no/such/run.yaml"], ["config: no such file /no/such/run.yaml"]),
+    ("RL.train_sft", ["data.train_files=t.jsonl", "sft.stepz=3"], ["sft.stepz: unknown key", "sft.steps"]),
     ("RL.config", ["--print", "trainer.logger=console"], ["trainer.logger: wrong type"]),
     ("RL.config", ["--prnt"], ["unknown option '--prnt'"]),
     ("tools.judge", ["--api-name", "x", "--input", "/no/rows.jsonl", "--output", "o.jsonl"], ["/no/rows.jsonl"]),
@@ -47,10 +47,10 @@ def test_user_mistake_is_one_error_line_before_heavy_imports(module, args, fragm
 
 def test_config_errors_are_masked_and_on_one_line():
     secret = "sk-entry-point-SECRET-0123456789"
-    result, _, messages = run("RL.main", f"worker.rollout.n={secret}", "worker.rollout.top_p=2")
+    result, _, messages = run("RL.train_vlpo", f"worker.rollout.n={secret}", "worker.rollout.top_p=2")
     assert_user_error(result, messages, "worker.rollout.n")
     assert secret not in result.stderr
-    result, _, messages = run("RL.main", "worker.rollout.top_p=2", "worker.rollout.n=0")
+    result, _, messages = run("RL.train_vlpo", "worker.rollout.top_p=2", "worker.rollout.n=0")
     assert_user_error(result, messages, "worker.rollout.top_p", "worker.rollout.n")  # two problems, one line
 
 
@@ -62,7 +62,7 @@ def test_merge_model_user_mistakes(args, fragment):
 
 
 def test_run_cli_reports_bugs_as_failures_and_passes_exit_messages_on(capsys, monkeypatch, tmp_path):
-    from tools.cli import run_cli
+    from common.cli import run_cli
 
     monkeypatch.setattr(sys, "argv", ["prog", "a"])
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the traceback of a run without a run folder goes
@@ -91,7 +91,7 @@ def test_import_monet_models_is_light_and_the_processor_module_registers():
 
 def test_monet_without_latent_noise_warns_once_naming_the_key(tmp_path, caplog):
     from RL.config import load_config
-    from RL.main import prepare_run
+    from RL.train_vlpo import prepare_run
 
     base = [f"trainer.save_dir={tmp_path}", "worker.actor.model.model_path=/m", "data.train_files=/d.jsonl",
             "worker.rule_based_judge.api_name="]

@@ -11,7 +11,7 @@ from RL.config import ConfigError, load_config
 from RL.evaluate.__main__ import check
 from RL.evaluate.runner import evaluate, start_workers
 from RL.evaluate.stats import paired_difference, wilson
-from RL.rewards.accuracy import rule_accuracy
+from rewards.accuracy import rule_accuracy
 from RL.trainer.ray_setup import init_ray
 from tests.test_judge_api import env
 
@@ -51,7 +51,7 @@ def test_accuracy_equals_a_direct_computation(cluster):
     in-process on the same items and graded by hand with the rule grader."""
     from monet_models.transformers import load_latent_model
     from RL.data import RLPromptDataset
-    from RL.evaluate.prompts import item_prompt
+    from RL.evaluate.item_prompts import item_prompt
     from RL.trainer.rollout_batch import render_response
     from workers.rollout import NativeRolloutEngine, SamplingParams
 
@@ -145,7 +145,7 @@ def test_dmlr_pass(cluster):
 
 
 def test_rmm_loop_never_shows_the_gold_answer(cluster, tmp_path):
-    from tools.judges.local_server import LocalJudgeServer
+    from rewards.judges.local_server import LocalJudgeServer
 
     group, model, data, save_dir = cluster
     rows = [json.loads(line) for line in open(f"{data}/val.jsonl")][:3]

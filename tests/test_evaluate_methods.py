@@ -166,9 +166,9 @@ def test_rmm_metrics_from_logged_verdicts():
 
 
 def test_judging_a_hand_labelled_set_with_the_api_fallback():
-    from RL.rewards.config import JudgeConfig
-    from tools.judges import ApiJudge
-    from tools.judges.local_server import LocalJudgeServer
+    from rewards.config import JudgeConfig
+    from rewards.judges import ApiJudge
+    from rewards.judges.local_server import LocalJudgeServer
 
     rows = [("What colour?", "\\boxed{red}", "red", 1, "rule"),
             ("What colour?", "\\boxed{blue}", "red", 0, "api"),

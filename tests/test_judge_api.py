@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from RL.rewards import RewardInput, RewardManager
-from RL.rewards.config import JudgeConfig, RewardConfig
-from tools.judges import ApiJudge, JudgeCredentialsError, JudgeRequest, check_judge_credentials, parse_verdict, redact
-from tools.judges.local_server import LocalJudgeServer
-from tools.judges.prompts import clean_question, user_prompt
-from tools.judges.ratelimit import RateLimiter
-from tools.judges.retry import backoff_delay
+from rewards import RewardInput, RewardManager
+from rewards.config import JudgeConfig, RewardConfig
+from rewards.judges import ApiJudge, JudgeCredentialsError, JudgeRequest, check_judge_credentials, parse_verdict, redact
+from rewards.judges.local_server import LocalJudgeServer
+from rewards.judges.verdict_prompts import clean_question, user_prompt
+from rewards.judges.ratelimit import RateLimiter
+from rewards.judges.retry import backoff_delay
 
 KEYS = {"OPENAI_API_KEY": "sk-test-openai-SECRET-1111", "GOOGLE_API_KEY": "g-test-google-SECRET-2222",
         "DEEPSEEK_API_KEY": "ds-test-deepseek-SECRET-3333"}
@@ -259,7 +259,7 @@ def test_cli_rejudges_rows(provider, tmp_path, capsys):
 
 
 def test_provider_routing():
-    from tools.judges import provider_spec
+    from rewards.judges import provider_spec
 
     assert provider_spec("gemini-2.5-pro").kind == "gemini" and provider_spec("gemini-2.5-pro").base_url is None
     assert provider_spec("deepseek-chat") == provider_spec("deepseek-reasoner")

@@ -2,7 +2,7 @@
 reported with its step and how to resume, or survived with `trainer.max_restarts`; placement fails fast, naming the
 resources, while a node is missing.
 
-The driver is the real entry point, `python -m RL.main`, joining the cluster through RAY_ADDRESS as on a real
+The driver is the real entry point, `python -m RL.train_vlpo`, joining the cluster through RAY_ADDRESS as on a real
 cluster. Each node has one CPU, so `trainer.nnodes=2 trainer.n_gpus_per_node=1` (two workers of {CPU: 1}) puts one
 worker on each. The test removes the second node once metrics.jsonl shows step 1; with `trainer.save_freq=1` the
 step that fails is the one after the newest checkpoint, whichever it is.
@@ -68,7 +68,7 @@ def start_driver(nodes: TwoNodes, args: list[str], log_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=nodes.cluster.address)
     env.pop("LATENT_RL_CRASH_AT", None)
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "RL.main", *args], cwd=REPO, env=env, stdout=log,
+    return subprocess.Popen([sys.executable, "-m", "RL.train_vlpo", *args], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True), log
 
 

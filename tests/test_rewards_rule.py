@@ -4,13 +4,13 @@ import pickle
 
 import pytest
 
-from RL.rewards import RewardFunctionError, RewardInput, RewardManager, load_reward_function
-from RL.rewards.accuracy import rule_accuracy
-from RL.rewards.answer import extract_answer, judge_prediction, last_boxed
-from RL.rewards.config import JudgeConfig, RewardConfig
-from RL.rewards.format_reward import boxed_format_reward
-from RL.rewards.length import LengthReference, group_length_penalties, length_penalty
-from RL.rewards.vlpo import vlpo_reward
+from rewards import RewardFunctionError, RewardInput, RewardManager, load_reward_function
+from rewards.accuracy import rule_accuracy
+from rewards.answer import extract_answer, judge_prediction, last_boxed
+from rewards.config import JudgeConfig, RewardConfig
+from rewards.format_reward import boxed_format_reward
+from rewards.length import LengthReference, group_length_penalties, length_penalty
+from rewards.vlpo import vlpo_reward
 
 
 @pytest.mark.parametrize("response, truth, expected", [
@@ -145,9 +145,9 @@ def test_load_errors(reward_file, spec, message):
 
 
 def test_default_config_and_examples_load(reward_file):
-    default = RewardManager(RewardConfig())  # RL/rewards/vlpo.py, found from the project root
+    default = RewardManager(RewardConfig())  # rewards/vlpo.py, found from the project root
     assert default.compute([_sample(r"\boxed{4}")]).overall == [pytest.approx(1.0)]
-    module_spec = RewardManager(RewardConfig(reward_function="RL.rewards.vlpo:vlpo_reward"))
+    module_spec = RewardManager(RewardConfig(reward_function="rewards.vlpo:vlpo_reward"))
     assert module_spec.compute([_sample("no")]).overall == [0.0]
     example = RewardManager(RewardConfig(reward_function="examples/reward_function/vlpo_reward.py:compute_score"))
     assert example.compute([_sample(r"\boxed{4}")]).metrics["reward/format"] == 1.0

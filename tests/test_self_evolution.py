@@ -32,7 +32,7 @@ def overrides(selfplay, name, **extra):
 
 
 def build(args):
-    from RL.self_evolution import build_trainer, check
+    from RL.train_self_evolution import build_trainer, check
 
     config = load_config(args, require_inputs=False)
     check(config)
@@ -120,7 +120,7 @@ def ray_free_state(dcp_dir):
 
 
 def run_cli(args, log, crash_at=None):
-    return run_module("RL.self_evolution", args, log, crash_at)
+    return run_module("RL.train_self_evolution", args, log, crash_at)
 
 
 def test_sigkill_after_a_checkpoint_resumes_with_the_same_metrics(selfplay, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from RL.config import ConfigError, load_config
 from RL.data.errors import DataError
 from RL.data.sft_dataset import SFTDataset, sft_dataset
-from RL.sft import sft_run_config
+from RL.train_sft import sft_run_config
 from monet_models import load_processor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_sft_config_mistakes_name_the_key(args, fragment):
 
 
 def test_entry_point_refuses_monet3_without_its_teacher_before_heavy_imports(tmp_path):
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "RL.sft", "sft.stage=monet3",
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "RL.train_sft", "sft.stage=monet3",
                              "worker.actor.model.model_path=/some/model", "data.train_files=rows.json",
                              f"trainer.save_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from RL.config import load_config
 from RL.data.sft_dataset import collate_sft, sft_dataset
-from RL.sft import sft_run_config
+from RL.train_sft import sft_run_config
 from monet_models import load_processor
 from monet_models.transformers import load_latent_model
 from tools.bench_sft import exact_latent_forward, visibility_mask

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from RL.config import load_config
-from RL.sft import run_sft
+from RL.train_sft import run_sft
 from tests.helpers import read_metrics, run_module, without_timing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_monet2_saved_by_two_ranks_resumes_on_one_with_the_losses_of_two(tiny_mo
 
 
 def run_cli(args, log, crash_at=None):
-    return run_module("RL.sft", args, log, crash_at)
+    return run_module("RL.train_sft", args, log, crash_at)
 
 
 def test_monet3_killed_while_writing_targets_and_after_a_save_resumes_to_the_same_losses(tiny_model_dir,

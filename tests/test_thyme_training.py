@@ -1,4 +1,4 @@
-"""Two VLPO steps through the real trainer (`python -m RL.main`) on a Thyme-RL shaped parquet, used unchanged: no
+"""Two VLPO steps through the real trainer (`python -m RL.train_vlpo`) on a Thyme-RL shaped parquet, used unchanged: no
 `<image>` markers, plain base64 images, Thyme's column names, Monet's format prompt, bad rows that must be skipped."""
 import json
 import os
@@ -22,7 +22,7 @@ def test_two_vlpo_steps_on_a_thyme_parquet(tmp_path, tiny_model_dir):
             "trainer.val_freq=-1", "trainer.logger=[jsonl]", "trainer.max_steps=2", "trainer.save_freq=-1",
             "trainer.n_gpus_per_node=1", f"trainer.save_dir={tmp_path / 'runs'}", "trainer.experiment_name=thyme"]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local cluster of its own
-    done = subprocess.run([sys.executable, "-m", "RL.main", *args], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "RL.train_vlpo", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]

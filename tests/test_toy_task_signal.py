@@ -35,7 +35,7 @@ def test_sft_can_freeze_the_vision_tower(tiny_model_dir, toy_data_dir, tmp_path)
     from safetensors.torch import load_file
 
     from RL.config import load_config
-    from RL.sft import run_sft
+    from RL.train_sft import run_sft
 
     config = load_config([
         "config=examples/config/vlpo_tiny_cpu.yaml", f"worker.actor.model.model_path={tiny_model_dir}",

@@ -110,11 +110,11 @@ def test_secrets_by_value_and_shape_reach_no_file(tmp_path, capsys, monkeypatch)
 
 def test_one_home_for_secret_rules():
     import RL.config
-    import tools.judges
-    import tools.secrets
+    import rewards.judges
+    import common.secrets
 
-    assert redact is tools.secrets.redact and RL.config.redact_secrets is tools.secrets.redact
-    assert RL.config.is_secret_key is tools.secrets.is_secret_key and tools.judges.redact is tools.secrets.mask_text
+    assert redact is common.secrets.redact and RL.config.redact_secrets is common.secrets.redact
+    assert RL.config.is_secret_key is common.secrets.is_secret_key and rewards.judges.redact is common.secrets.mask_text
 
 
 def test_tensorboard_event_file(tmp_path):

@@ -11,7 +11,7 @@ import ray
 import torch
 
 from RL.config import load_config
-from RL.main import build_trainer
+from RL.train_vlpo import build_trainer
 from tests.helpers import read_metrics, run_module, without_timing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def test_online_difficulty_sampling_keeps_mixed_groups_and_fails_clearly(sft_mod
 
 
 def run_cli(args, log, crash_at=None):
-    return run_module("RL.main", args, log, crash_at)
+    return run_module("RL.train_vlpo", args, log, crash_at)
 
 
 def test_killed_in_every_window_and_restarted_metrics_hold_every_step_once(sft_model, tmp_path):
@@ -167,7 +167,7 @@ def test_killed_in_every_window_and_restarted_metrics_hold_every_step_once(sft_m
     assert "resumed" in (tmp_path / "final.log").read_text()
 
     start = time.perf_counter()
-    finished = subprocess.run([sys.executable, "-m", "RL.main", *args], cwd=REPO, capture_output=True, text=True,
+    finished = subprocess.run([sys.executable, "-m", "RL.train_vlpo", *args], cwd=REPO, capture_output=True, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert finished.returncode == 0 and "is complete at step 4" in finished.stdout
     assert "raise trainer.max_steps" in finished.stdout and time.perf_counter() - start < 60

@@ -15,8 +15,8 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
-from tools.cli import ArgumentParser, UsageError, run_cli
-from tools.model_folder import check_model_folder
+from common.cli import ArgumentParser, UsageError, run_cli
+from common.model_folder import check_model_folder
 
 STRATEGIES = ("monet", "greedy", "sample")
 
@@ -68,8 +68,8 @@ def build_prompt(processor, text: str, image_paths: list[str], settings: dict | 
     """The chat-templated prompt with its images, through the folder's template and fitted to its pixel range (else
     the processor's) as the datasets do."""
     from RL.data import load_image
-    from RL.data.prompts import IMAGE_MARKER, FormatPrompt
-    from RL.evaluate.prompts import encode
+    from RL.data.format_prompt import IMAGE_MARKER, FormatPrompt
+    from RL.evaluate.item_prompts import encode
 
     settings, size = settings or {}, processor.image_processor.size
     limits = types.SimpleNamespace(min_pixels=settings.get("min_pixels", size["shortest_edge"]),

@@ -13,8 +13,8 @@ import json
 import os
 from collections import Counter
 
-from tools.cli import ArgumentParser, InputError, UsageError, run_cli
-from tools.judges.credentials import JudgeCredentialsError
+from common.cli import ArgumentParser, InputError, UsageError, run_cli
+from rewards.judges.credentials import JudgeCredentialsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,8 +76,8 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def _make_judge(args):
-    from RL.rewards.config import JudgeConfig
-    from tools.judges import CACHE_FILENAME, ApiJudge
+    from rewards.config import JudgeConfig
+    from rewards.judges import CACHE_FILENAME, ApiJudge
 
     config = JudgeConfig(api_name=args.api_name, api_base_url=args.base_url, timeout_s=args.timeout,
                          max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
@@ -94,7 +94,7 @@ def _make_judge(args):
 
 def judge_rows(rows: list[dict], judge, repetition: bool) -> list[dict]:
     """Rule first; rule negatives to the API. Returns the rows with ``verdict`` and ``source`` added."""
-    from RL.rewards.vlpo import judge_responses
+    from rewards.vlpo import judge_responses
 
     items = [(str(r["question"]), str(r["response"]), str(r["ground_truth"])) for r in rows]
     out = []

@@ -26,7 +26,7 @@ import torch
 
 from monet_models.run_settings import copy_run_settings
 from RL.checkpoint import complete_steps
-from tools.cli import ArgumentParser, InputError, run_cli
+from common.cli import ArgumentParser, InputError, run_cli
 
 SAVE_OK = "SAVE_OK"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

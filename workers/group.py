@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from tools.cli import InputError
+from common.cli import InputError
 
 
 class PlacementTimeout(InputError):

@@ -15,7 +15,7 @@ import torch
 
 from monet_models.run_settings import settings_from_config
 from monet_models.transformers import load_latent_model
-from tools.seeding import derive_seed
+from common.seeding import derive_seed
 from workers.actor.lora import adapter_tensors, apply_lora, lora_config
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel

@@ -1,7 +1,7 @@
 """The reward role: a CPU Ray actor running the reward function, so judging overlaps the log-prob passes."""
 from __future__ import annotations
 
-from RL.rewards.manager import RewardManager
+from rewards.manager import RewardManager
 
 
 class RewardWorker:
@@ -13,7 +13,7 @@ class RewardWorker:
 
     def judge_answers(self, questions: list[str], predictions: list[str], truths: list[str]) -> list[int]:
         """Verdicts of already extracted answers (self-evolution validation): rules, then the API judge."""
-        from RL.rewards.ireasoner import judge_answers
+        from rewards.ireasoner import judge_answers
 
         return judge_answers(questions, predictions, truths, self.manager.judge)
 

@@ -16,7 +16,7 @@ from RL.config.schema import (CHOICES, ActorConfig, AlgorithmConfig, ConfigError
                               LoraConfig, ModelConfig, MonetConfig, OffloadConfig, OptimConfig, PlacementConfig,
                               RefConfig, RolloutConfig, RootConfig, SFTConfig, TrainerConfig, WorkerConfig)
 from RL.config.cli import main
-from tools.secrets import NOT_SECRET, is_secret_key  # the one home of the secret rules
+from common.secrets import NOT_SECRET, is_secret_key  # the one home of the secret rules
 
 __all__ = ["ConfigError", "RootConfig", "DataConfig", "WorkerConfig", "ActorConfig", "ModelConfig", "LoraConfig",
            "OptimConfig", "FSDPConfig", "OffloadConfig", "RolloutConfig", "MonetConfig", "RefConfig", "PlacementConfig",

@@ -3,7 +3,7 @@ from typing import Optional
 
 from RL.config.loading import load_config, to_yaml
 from RL.config.schema import ConfigError
-from tools.cli import UsageError, run_cli
+from common.cli import UsageError, run_cli
 
 USAGE = "usage: python -m RL.config --print [config=path.yaml] [dotted.key=value ...]"
 

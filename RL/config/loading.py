@@ -14,7 +14,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from monet_models.run_settings import LATENT_CONFIG, RunSettingsError, config_defaults
 from RL.config.checks import get_dotted, problems
 from RL.config.schema import REPO_ROOT, ConfigError, RootConfig
-from tools.secrets import redact as redact_secrets  # the one home of the secret rules
+from common.secrets import redact as redact_secrets  # the one home of the secret rules
 
 MODEL_PATH_KEY = "worker.actor.model.model_path"
 

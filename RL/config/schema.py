@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 
 from monet_models.latent_tokens import default_latent_size
-from RL.rewards.config import JudgeConfig, RewardConfig
+from rewards.config import JudgeConfig, RewardConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -224,7 +224,7 @@ class TrainerConfig:
 
 @dataclass
 class SFTConfig:
-    """Latent SFT on the policy workers: `python -m RL.sft stage=...` / `bash examples/sft_train.sh` (docs/sft.md).
+    """Latent SFT on the policy workers: `python -m RL.train_sft stage=...` / `bash examples/sft_train.sh` (docs/sft.md).
 
     Model, FSDP, LoRA and optimizer settings are `worker.actor.*`; the keys here that repeat one of them (lr, ...)
     override it for the SFT run only (None keeps the actor's), so one YAML serves a warm start and the RL run after it.

@@ -3,7 +3,7 @@ from RL.data.collate import PromptCollator, to_batch, vision_inputs
 from RL.data.image_pool import ImagePool, PoolImage
 from RL.data.images import fit_pixels, load_image
 from RL.data.loader import StatefulPromptLoader, build_loader
-from RL.data.prompts import FormatPrompt, build_messages, render_prompt
+from RL.data.format_prompt import FormatPrompt, build_messages, render_prompt
 from RL.data.rl_dataset import SKIP_REASONS, DatasetOptions, RLPromptDataset, build_datasets
 
 __all__ = [

@@ -6,7 +6,7 @@ reason and report every reason at once, with one example each (`skip_summary`).
 """
 from __future__ import annotations
 
-from tools.cli import InputError
+from common.cli import InputError
 
 IDS_IN_SUMMARY = 5  # row ids named per reason besides the example
 

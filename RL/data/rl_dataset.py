@@ -29,7 +29,7 @@ from RL.data.errors import DataError, RowSkipped, skip_summary
 from RL.data.fields import DETAIL_CHARS, shorten
 from RL.data.images import (DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageTooLargeError, MissingImageError,
                             as_image_list, decode_image, fitted_size, load_image)
-from RL.data.prompts import IMAGE_MARKER, FormatPrompt, render_prompt
+from RL.data.format_prompt import IMAGE_MARKER, FormatPrompt, render_prompt
 from RL.data.sources import Source, as_path_list, open_sources
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from RL.data.errors import DataError, RowSkipped, skip_summary
 from RL.data.fields import DETAIL_CHARS, shorten
 from RL.data.images import (CorruptImageError, ImageTooLargeError, MissingImageError, decode_image, fitted_size,
                             load_image)
-from RL.data.prompts import FormatPrompt, render_prompt
+from RL.data.format_prompt import FormatPrompt, render_prompt
 from RL.data.sft_rows import OBSERVATION_CLOSE, OBSERVATION_OPEN, SFTRow, detect_format, parse_row
 from RL.data.sources import as_path_list, open_sources
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from RL.data.errors import DataError, RowSkipped
 from RL.data.images import as_image_list
-from RL.data.prompts import IMAGE_MARKER
+from RL.data.format_prompt import IMAGE_MARKER
 
 MONET_PLACEHOLDER = "<abs_vis_token></abs_vis_token>"
 MIRAGE_BLOCK = "<output_image>"

@@ -16,9 +16,9 @@ import sys
 from RL.config import ConfigError, load_config
 from RL.evaluate import EvaluationError
 from RL.evaluate.memory import check_memory_credentials
-from tools.cli import UsageError, log_errors_to, run_cli
-from tools.judges import JudgeCredentialsError, check_judge_credentials
-from tools.model_folder import check_model_folder
+from common.cli import UsageError, log_errors_to, run_cli
+from rewards.judges import JudgeCredentialsError, check_judge_credentials
+from common.model_folder import check_model_folder
 
 logger = logging.getLogger(__name__)
 SHORT_KEYS = {"method": "eval.method", "ablate": "eval.ablate", "name": "eval.name", "strategy": "eval.strategy"}

@@ -6,9 +6,9 @@ A verdict is 1, 0 or None. None means the API was asked and gave no readable ans
 """
 from __future__ import annotations
 
-from RL.data.prompts import IMAGE_MARKER
-from RL.rewards.answer import extract_answer
-from RL.rewards.vlpo import judge_responses
+from RL.data.format_prompt import IMAGE_MARKER
+from rewards.answer import extract_answer
+from rewards.vlpo import judge_responses
 
 
 def build_judge(config, folder):
@@ -16,7 +16,7 @@ def build_judge(config, folder):
     judge_config = config.worker.rule_based_judge
     if not judge_config.api_name:
         return None
-    from tools.judges import ApiJudge
+    from rewards.judges import ApiJudge
 
     return ApiJudge(judge_config, repetition=False, run_dir=str(folder))
 

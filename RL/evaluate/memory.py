@@ -112,7 +112,7 @@ class ApiMemoryWriter:
     timeout, retries, backoff, concurrency and request settings apply. A failed request adds no memory."""
 
     def __init__(self, model: str, base_url: str, judge_config):
-        from tools.judges.providers import make_provider
+        from rewards.judges.providers import make_provider
 
         self.config = judge_config
         self.provider = make_provider(model, base_url, judge_config.timeout_s, judge_config.api_kwargs)
@@ -122,8 +122,8 @@ class ApiMemoryWriter:
             return list(pool.map(self._complete, requests))
 
     def _complete(self, user: str) -> str:
-        from tools.judges.retry import backoff_delay, is_retryable, retry_after_seconds
-        from tools.secrets import mask_text
+        from rewards.judges.retry import backoff_delay, is_retryable, retry_after_seconds
+        from common.secrets import mask_text
 
         for attempt in range(int(self.config.max_retries) + 1):
             try:
@@ -138,7 +138,7 @@ class ApiMemoryWriter:
 
 def check_memory_credentials(eval_config) -> None:
     """Refuse `eval.rmm_memory_model=api:NAME` when NAME's key variable is unset, before anything loads."""
-    from tools.judges import JudgeCredentialsError, provider_spec
+    from rewards.judges import JudgeCredentialsError, provider_spec
 
     spec = eval_config.rmm_memory_model
     if eval_config.method != "rmm" or not spec.startswith("api:"):

@@ -16,9 +16,9 @@ import torch
 
 from RL.evaluate import EvaluationError
 from RL.evaluate.dmlr import DmlrSettings
-from RL.evaluate.prompts import item_prompt
+from RL.evaluate.item_prompts import item_prompt
 from RL.evaluate.runner import Evaluation, shards
-from tools.seeding import derive_seed
+from common.seeding import derive_seed
 
 OVERRIDES = {"zero": {"latent_override": "zero"}, "noise": {"latent_override": "noise"},
              "shuffle": {}, "text": {"strategy": "greedy"}}  # shuffle: `given` latents, see Evaluation.generate

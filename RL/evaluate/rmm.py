@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from RL.data.prompts import FormatPrompt, IMAGE_MARKER
+from RL.data.format_prompt import FormatPrompt, IMAGE_MARKER
 from RL.evaluate.judging import judge_rows
 from RL.evaluate.memory import (MemoryBuffer, ApiMemoryWriter, critic_text, memory_request, parse_critic,
                                 parse_entries, with_memory)
-from RL.evaluate.prompts import encode, item_prompt, item_question
+from RL.evaluate.item_prompts import encode, item_prompt, item_question
 from RL.evaluate.runner import Evaluation
-from RL.rewards.answer import normalize_text
-from tools.seeding import derive_seed
+from rewards.answer import normalize_text
+from common.seeding import derive_seed
 
 
 @dataclass

@@ -27,7 +27,7 @@ from RL.evaluate.stats import delta, markdown, pass_summary
 from RL.evaluate.store import PassStore, read_rows
 from RL.trainer.rollout_batch import render_response
 from monet_models.latent_tokens import LatentTokens
-from tools.seeding import derive_seed
+from common.seeding import derive_seed
 from workers.rollout.base import SamplingParams
 
 PASS_ORDER = ("direct", *(f"ablate_{name}" for name in ABLATIONS), "dmlr", "rmm")

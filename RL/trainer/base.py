@@ -24,7 +24,7 @@ from tqdm import tqdm
 from RL.checkpoint import CheckpointManager, crash_point, rng_state, set_rng_state
 from RL.tracking import Tracker
 from RL.trainer.ray_setup import init_ray
-from tools.cli import RunFailure
+from common.cli import RunFailure
 from workers.group import WorkerGroup
 from workers.policy_worker import PolicyWorker
 from workers.reward_worker import RewardWorker

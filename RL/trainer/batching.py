@@ -15,11 +15,11 @@ import torch
 
 from RL.config.schema import VAL_OVERRIDABLE
 from RL.protocol import Batch, object_array
-from RL.rewards.interface import RewardInput
-from RL.rewards.manager import RewardResult
+from rewards.interface import RewardInput
+from rewards.manager import RewardResult
 from RL.trainer.rollout_batch import build_rollout_batch, render_response
 from monet_models.latent_tokens import LatentTokens
-from tools.seeding import derive_seed
+from common.seeding import derive_seed
 from workers.rollout.base import PromptInput, SamplingParams
 
 

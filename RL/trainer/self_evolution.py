@@ -14,19 +14,19 @@ import numpy as np
 import ray
 import torch
 
-from RL.algorithms import ExponentialKLController, compute_advantages, ema_baseline
-from RL.data.prompts import IMAGE_MARKER, FormatPrompt, render_prompt
+from algorithms import ExponentialKLController, compute_advantages, ema_baseline
+from RL.data.format_prompt import IMAGE_MARKER, FormatPrompt, render_prompt
 from RL.protocol import Batch
-from RL.rewards.config import RewardConfig
-from RL.rewards.ireasoner import STEP_STATS, solver_answer
-from RL.rewards.ireasoner_parse import parse_question
-from RL.rewards.proposer import proposer_reward
-from RL.rewards.self_consistency import answer_stats
+from rewards.config import RewardConfig
+from rewards.ireasoner import STEP_STATS, solver_answer
+from rewards.ireasoner_parse import parse_question
+from rewards.proposer import proposer_reward
+from rewards.self_consistency import answer_stats
 from RL.trainer.base import RayTrainer, mean_dicts, timed
 from RL.trainer.batching import BatchMaker, logprob_diff, sampling_params
 
 ROLES = ("solver", "proposer")
-SOLVER_REWARD = "RL/rewards/ireasoner.py:ireasoner_solver_reward"
+SOLVER_REWARD = "rewards/ireasoner.py:ireasoner_solver_reward"
 
 
 def solver_reward_config(config) -> RewardConfig:

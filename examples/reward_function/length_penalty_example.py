@@ -5,7 +5,7 @@ Use with ``worker.reward.reward_type=sequential``
 ``worker.reward.reward_function_kwargs='{budget: 512, weight: 0.001}'``. It receives one ``RewardInput`` at a time
 (prompt, response, ground_truth, response_length, extra, group_id) and returns ``overall`` plus named components.
 """
-from RL.rewards.accuracy import rule_accuracy
+from rewards.accuracy import rule_accuracy
 
 
 def compute_score(sample, budget: int = 512, weight: float = 0.001):

@@ -22,7 +22,7 @@ def latent_log_density(latents: torch.Tensor, means: torch.Tensor, sigma: float,
 
     The −D·log σ term cancels in every ratio of two densities with the same σ (the PPO ratio), and keeps the
     density a true one when σ is compared across policies. The KL to the reference does not use this one-sample
-    log-ratio at latent positions: it takes the exact Gaussian KL from the means (`RL.algorithms.kl.gaussian_kl`).
+    log-ratio at latent positions: it takes the exact Gaussian KL from the means (`algorithms.kl.gaussian_kl`).
     """
     diff = latents.float() - means.float()
     dim = diff.shape[-1]

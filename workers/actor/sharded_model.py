@@ -84,7 +84,7 @@ class ShardedModel:
     @torch.no_grad()
     def score_with_means(self, batch, sigma: float, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`score`, and the means of each sample's latent steps, (B, M, D) zero-padded to the most latents M of a
-        sample, kept beside the log-probs so the latent KL to the reference can be exact (RL.algorithms.kl)."""
+        sample, kept beside the log-probs so the latent KL to the reference can be exact (algorithms.kl)."""
         self.module.eval()
         micro_size = self.config.micro_batch_size_per_device_for_experience
         log_probs, means = [], []

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from RL.algorithms import aggregate_loss, compute_kl, compute_policy_loss, with_exact_latent_kl
+from algorithms import aggregate_loss, compute_kl, compute_policy_loss, with_exact_latent_kl
 from workers.actor.fsdp import all_reduce_sum, full_tensor
 from workers.actor.policy import Policy
 

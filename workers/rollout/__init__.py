@@ -2,7 +2,7 @@
 from workers.rollout.base import PromptInput, RolloutEngine, RolloutSample, SamplingParams
 from workers.rollout.latent_state import LatentLayout, LatentStates, LatentStep
 from workers.rollout.native import NativeRolloutEngine
-from workers.rollout.prompts import prompt_inputs_from_batch, stack_prompts
+from workers.rollout.prompt_inputs import prompt_inputs_from_batch, stack_prompts
 
 __all__ = [
     "PromptInput", "RolloutEngine", "RolloutSample", "SamplingParams", "LatentLayout", "LatentStates", "LatentStep",

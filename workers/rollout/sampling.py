@@ -10,7 +10,7 @@ import secrets
 
 import torch
 
-from tools.seeding import derive_seed
+from common.seeding import derive_seed
 
 from workers.rollout.base import SamplingParams
 
@@ -33,7 +33,7 @@ def request_seed(seed: int, index: int) -> int:
     """Seed of request `index` (= prompt * n + sample) in a generate call seeded with `seed`.
 
     Every engine derives per-request randomness from it, so the same request gets the same noise whatever engine,
-    batch composition or scheduling order produced it (the project's one seed derivation, tools.seeding).
+    batch composition or scheduling order produced it (the project's one seed derivation, common.seeding).
     """
     return derive_seed(seed, "request", index)
 

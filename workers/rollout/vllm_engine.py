@@ -31,7 +31,7 @@ import psutil
 import torch
 
 from monet_models.latent_tokens import LatentTokens
-from tools.cli import InputError
+from common.cli import InputError
 from workers.rollout.engines import vllm_available
 from workers.rollout.base import PromptInput, RolloutEngine, RolloutSample, SamplingParams, Weights, weights_items
 from workers.rollout.latent_state import LatentLayout

@@ -56,7 +56,7 @@ def _skips_unextractable(judge) -> bool:
 
 def judge_responses(items: list[tuple[str, str, str]], judge=None, repetition: bool = False) -> list[Judgement]:
     """Judge (question, response, ground truth) triples: rules, then rule negatives to the API judge (if any)."""
-    from tools.judges import JudgeRequest
+    from rewards.judges import JudgeRequest
 
     judged = [Judgement(int(rule_accuracy(response, truth)), not extract_answer(response))
               for _, response, truth in items]
@@ -84,7 +84,7 @@ def judge_responses(items: list[tuple[str, str, str]], judge=None, repetition: b
 def vlpo_reward(samples: list[RewardInput], judge=None, repetition_penalty: bool = False,
                 length_penalty_weight: float = 0.0, length_reference: LengthReference | None = None,
                 accuracy_weight: float = 0.9, format_weight: float = 0.1, **_: object) -> list[dict[str, float]]:
-    """Batch reward function (``worker.reward.reward_function=RL/rewards/vlpo.py:vlpo_reward``)."""
+    """Batch reward function (``worker.reward.reward_function=rewards/vlpo.py:vlpo_reward``)."""
     judged = judge_responses([(_question(s), s.response, str(s.ground_truth)) for s in samples], judge,
                              repetition_penalty)
     verdicts = [j.verdict for j in judged]

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
-from tools.cli import InputError
+from common.cli import InputError
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 CONFIG = "config.json"

@@ -1,4 +1,4 @@
-"""usage: python -m RL.sft [config=F.yaml] sft.stage=monet1|monet2|monet3|mirage1|mirage2 [key=value ...] [--debug]
+"""usage: python -m RL.train_sft [config=F.yaml] sft.stage=monet1|monet2|monet3|mirage1|mirage2 [key=value ...] [--debug]
 
 Latent SFT on Ray, on the same FSDP policy workers as VLPO (docs/sft.md): one update rule per stage applied to the
 `actor` policy, checkpoints in `<trainer.save_dir>/<sft.experiment_name>/step_*` (merge_model.sh reads them), metrics
@@ -19,7 +19,7 @@ from pathlib import Path
 from RL.checkpoint import complete_steps
 from RL.config import ConfigError, derive, load_config, to_yaml
 from RL.preflight import MODEL_KEY, preflight
-from tools.cli import RunFailure, run_cli
+from common.cli import RunFailure, run_cli
 
 EXPORTED = "SFT_EXPORT.json"
 
@@ -93,7 +93,7 @@ def build_trainer(config):
         raise ConfigError(f"sft.batch_size: {config.sft.batch_size} rows per step, but the data has {len(dataset)}")
     total_steps = config.sft.steps or config.sft.epochs * per_epoch
 
-    from RL.trainer.sft_trainer import SFTTrainer  # imports Ray and the workers: after validation
+    from RL.trainer.sft import SFTTrainer  # imports Ray and the workers: after validation
 
     return SFTTrainer(config, dataset, processor, total_steps)
 

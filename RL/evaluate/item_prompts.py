@@ -2,7 +2,7 @@
 dataset encodes its items: the processor's chat template, the configured pixel range, the engines' `PromptInput`."""
 from __future__ import annotations
 
-from RL.data.prompts import IMAGE_MARKER, render_prompt
+from RL.data.format_prompt import IMAGE_MARKER, render_prompt
 from workers.rollout.base import PromptInput
 
 

@@ -1,8 +1,8 @@
-"""usage: python -m RL.self_evolution config=path.yaml [dotted.key=value ...] [--debug]
+"""usage: python -m RL.train_self_evolution config=path.yaml [dotted.key=value ...] [--debug]
 
 Runs proposer–solver self-evolution (iReasoner / EvoLMM) on Ray. The model improves from unlabeled images
 (`data.image_dir`, optionally `data.include_subfolders`); labeled data in `data.val_files` is held out and only
-measured. Everything refusable is refused before Ray starts, as in RL.main, and re-running with the same
+measured. Everything refusable is refused before Ray starts, as in RL.train_vlpo, and re-running with the same
 `trainer.experiment_name` resumes. A failure is one `error:` line (exit 2: bad input, 1: a failed run); its
 traceback is in <run folder>/logs/error.log, and on the console with --debug.
 """
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from RL.config import ConfigError, load_config
-from RL.main import prepare_run, run
-from tools.cli import run_cli
-from tools.judges import JudgeCredentialsError
+from RL.train_vlpo import prepare_run, run
+from common.cli import run_cli
+from rewards.judges import JudgeCredentialsError
 
 
 def check(config) -> None:

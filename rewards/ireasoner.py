@@ -83,7 +83,7 @@ def judge_answers(questions: list[str], predictions: list[str], truths: list[str
     negatives = [i for i, v in enumerate(verdicts) if v == 0 and predictions[i].strip()]
     if judge is None or not negatives:
         return verdicts
-    from tools.judges import JudgeRequest
+    from rewards.judges import JudgeRequest
 
     outcomes = judge.judge([JudgeRequest(questions[i], predictions[i], truths[i]) for i in negatives])
     for i, outcome in zip(negatives, outcomes):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .cache import CACHE_FILENAME, VerdictCache, cache_key
 from .credentials import check_judge_credentials, redact
-from .prompts import parse_verdict, system_prompt, user_prompt
+from .verdict_prompts import parse_verdict, system_prompt, user_prompt
 from .providers import make_provider
 from .ratelimit import RateLimiter
 from .retry import backoff_delay, is_retryable, retry_after_seconds, status_code

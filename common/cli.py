@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Optional
 
-from tools.secrets import mask_text
+from common.secrets import mask_text
 
 INPUT_STATUS, FAILURE_STATUS = 2, 1
 USAGE_STATUS = INPUT_STATUS
@@ -79,7 +79,7 @@ def write_traceback(text: str) -> Optional[Path]:
 
 
 def _program() -> str:
-    """The entry point's module name (`RL.main`), from how Python was started."""
+    """The entry point's module name (`RL.train_vlpo`), from how Python was started."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     name = spec.name.removesuffix(".__main__") if spec and spec.name else Path(sys.argv[0]).stem
     return name.lstrip("-") or "python"  # `python -c` names itself "-c"

@@ -1,7 +1,7 @@
 """Which provider an ``api_name`` selects, which environment variable holds its key, and start-up checks.
 
 Keys are read from the environment at the moment a client is built and are never stored on our objects, so they
-cannot leak through reprs, pickles, logs or the cache. ``redact`` (``tools.secrets.mask_text``) scrubs them, and
+cannot leak through reprs, pickles, logs or the cache. ``redact`` (``common.secrets.mask_text``) scrubs them, and
 any other secret, from text we log or raise.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tools.secrets import mask_text as redact  # noqa: F401  (re-exported; tools.secrets is the one home)
+from common.secrets import mask_text as redact  # noqa: F401  (re-exported; common.secrets is the one home)
 
 DEEPSEEK_BASE_URL = "https://api.deepseek.com"
 

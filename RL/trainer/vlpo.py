@@ -9,7 +9,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from RL.algorithms import compute_advantages, make_kl_controller, masked_mean
+from algorithms import compute_advantages, make_kl_controller, masked_mean
 from RL.protocol import Batch
 from RL.trainer.base import RayTrainer, mean_dicts, timed
 from RL.trainer.batching import BatchMaker, logprob_diff, rollout_metrics

@@ -42,7 +42,7 @@ class RewardManager:
     """``compute(samples, **context)`` → RewardResult; judge/API faults never raise (they become "no verdict")."""
 
     def __init__(self, reward_config, judge_config=None, run_dir: str | None = None):
-        from tools.judges import check_judge_credentials
+        from rewards.judges import check_judge_credentials
 
         if reward_config.reward_type not in REWARD_TYPES:
             raise RewardFunctionError(
@@ -73,7 +73,7 @@ class RewardManager:
     def judge(self):
         """The API judge, or None for rules only (``worker.rule_based_judge.api_name=''``)."""
         if self._judge is None and self.judge_config is not None and self.judge_config.api_name:
-            from tools.judges import ApiJudge
+            from rewards.judges import ApiJudge
 
             self._judge = ApiJudge(self.judge_config, repetition=self.reward_config.repetition_penalty,
                                    run_dir=self.run_dir)

@@ -7,7 +7,7 @@ from typing import Any
 
 @dataclass
 class RewardConfig:
-    reward_function: str = "RL/rewards/vlpo.py:vlpo_reward"  # path.py:fn (or package.module:fn)
+    reward_function: str = "rewards/vlpo.py:vlpo_reward"  # path.py:fn (or package.module:fn)
     reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
     reward_type: str = "batch"  # batch: fn(list of samples) | sequential: fn(one sample)
     repetition_penalty: bool = False  # judge answers 1 / 0 / -1 (incorrect and repetitive)

@@ -1,0 +1,1 @@
+"""The small shared home below every other folder: seeding, secret masking, the entry points' error line."""

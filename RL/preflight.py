@@ -1,8 +1,7 @@
 """The checks a run's inputs pass before Ray starts: model folders, the checkpoint a resume reads, the run folder.
 
 Each takes milliseconds here; the same mistake found by a worker costs half a minute of start-up and ends in a Ray
-traceback. They run after the config loaded (keys and types are right) and before anything is written, except the
-run folder itself, which the last check creates (it is about to be written anyway).
+traceback. They run after the config loaded (keys and types are right) and before anything is written.
 """
 from __future__ import annotations
 
@@ -35,11 +34,14 @@ def preflight(config, model_keys: tuple[str, ...] = (MODEL_KEY,)) -> None:
 
 
 def check_writable(folder: str, key: str) -> None:
-    """Create `folder` and a scratch file in it, or refuse naming `key` and the folder. A real write, not the
-    permission bits: root passes every permission check, a read-only mount does not."""
+    """Write a scratch file in `folder` (or, before the run exists, in its nearest existing parent, so a refused run
+    creates nothing), or refuse naming `key` and the folder. A real write, not the permission bits: root passes every
+    permission check, a read-only mount does not."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise SaveDirError(f"{key}: cannot write the run folder {folder} ({error.strerror}); set {key} to a "

@@ -40,8 +40,8 @@ def check(config) -> None:
 
 
 def build_trainer(config):
-    prepare_run(config)
-    from monet_models import load_processor  # torch and transformers: only after the checks above
+    """Load the image pool and held-out rows, then write the run's config.yaml (a refused input writes nothing)."""
+    from monet_models import load_processor  # torch and transformers: only after the config checks
     from RL.data import ImagePool, RLPromptDataset
 
     data = config.data
@@ -52,6 +52,7 @@ def build_trainer(config):
     val_set = RLPromptDataset(data.val_files, processor, data, max_samples=data.val_max_samples, name="val",
                               image_dir="") if data.val_files else None
     total_steps = config.trainer.max_steps or config.trainer.total_epochs * math.ceil(len(pool) / data.rollout_batch_size)
+    prepare_run(config)
 
     from RL.trainer.self_evolution import SelfEvolutionTrainer  # imports Ray and the workers: after validation
 

@@ -51,13 +51,14 @@ def prepare_run(config) -> None:
 
 
 def build_trainer(config):
-    """Validate everything, write the run's config.yaml, load the data, start the workers."""
-    prepare_run(config)
-    from monet_models import load_processor  # torch and transformers: only after the checks above
+    """Validate everything, load the data, write the run's config.yaml, start the workers. The data loads before
+    anything is written, so a refused data set leaves no run folder behind."""
+    from monet_models import load_processor  # torch and transformers: only after the config checks
     from RL.data import build_datasets, build_loader
 
     processor = load_processor(config.worker.actor.model.model_path)
     train_set, val_set = build_datasets(config.data, processor)
+    prepare_run(config)
     # With online difficulty sampling each generation round draws data.online_accum_size prompts (Monet's pool).
     online = config.worker.rollout.online_difficulty_sampling
     loader = build_loader(train_set, config.data, "train", batch_size=config.data.online_accum_size if online else None)

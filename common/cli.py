@@ -62,12 +62,13 @@ def log_errors_to(run_dir: str | os.PathLike) -> None:
     _run_dir = Path(run_dir)
 
 
-def write_traceback(text: str) -> Optional[Path]:
-    """Append `text` to the run's error log, or (no run folder yet, or it cannot be written: a read-only or full
-    disk) to a new file under the system temp dir; None when neither can be written."""
+def write_traceback(text: str, in_run: bool = True) -> Optional[Path]:
+    """Append `text` to the run's error log, or (no run folder yet, it cannot be written: a read-only or full disk,
+    or not `in_run`: a refused input, which must leave the run folder as it was) to a new file under the system temp
+    dir; None when neither can be written."""
     stamp, name = time.strftime("%Y-%m-%d %H:%M:%S"), f"{_program()}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     temp = Path(tempfile.gettempdir()) / "latent-rl-errors" / f"{name}.log"
-    for path in ([_run_dir / ERROR_LOG] if _run_dir else []) + [temp]:
+    for path in ([_run_dir / ERROR_LOG] if _run_dir and in_run else []) + [temp]:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as handle:
@@ -118,10 +119,10 @@ def take_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 def report(error: BaseException, user_errors: tuple, debug: bool) -> NoReturn:
     """Log the traceback, then exit with one line: 2 for a user mistake, 1 (with the log's path) for a failure."""
     text = mask_text("".join(traceback.format_exception(error)))
-    log = write_traceback(text)
+    mistake = user_mistake(error, (InputError, *user_errors))
+    log = write_traceback(text, in_run=mistake is None)
     if debug:
         print(text, file=sys.stderr, end="")
-    mistake = user_mistake(error, (InputError, *user_errors))
     if mistake is not None:
         fail(str(mistake))
     where = f"full traceback in {log}" if log else "the traceback could not be saved: run again with --debug"

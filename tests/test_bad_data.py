@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from RL.checkpoint import complete_steps
 from RL.data.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,7 +110,7 @@ def test_bad_vlpo_data_is_one_line_and_trains_nothing(case, tiny_model_dir, toy_
                                    f"data.val_files={toy_data_dir}/val.jsonl", f"trainer.save_dir={tmp_path}/runs",
                                    "trainer.experiment_name=bad_data", *overrides])
     assert_refused(result, *fragments)
-    assert not complete_steps(run_dir)
+    assert not run_dir.exists()  # refused before anything is written: no run folder, config.yaml or error log
     assert all(path.read_bytes() == content for path, content in written.items())  # the input is left as it was
 
 

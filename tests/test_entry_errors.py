@@ -204,13 +204,13 @@ def test_an_unreadable_checkpoint_is_refused_on_resume_naming_it(damage, fragmen
     assert sorted(path.name for path in run_dir.iterdir()) == before  # nothing written into the run
 
 
-def test_a_failure_after_the_checks_logs_in_the_run_folder(tiny_model_dir, tmp_path):
+def test_refused_data_leaves_the_run_folder_unwritten(tiny_model_dir, tmp_path):
     (tmp_path / "data").mkdir()  # a folder holding no data files: found when the data loads, after preflight
     args = vlpo_args(tmp_path, tiny_model_dir, tmp_path / "data")
     result = run("RL.train_vlpo", args, tmp_path)
     assert_one_line(result, 2, "data.train_files", str(tmp_path / "data"))
-    assert_logged(tmp_path / "runs" / "run" / "logs" / "error.log")
-    assert not temp_logs(tmp_path)
+    assert not (tmp_path / "runs").exists()  # no run folder, config.yaml or error log for a refused input
+    assert temp_logs(tmp_path)  # its traceback is kept outside the run folder
 
 
 # ---- a full disk mid-run ----------------------------------------------------------------------------------------

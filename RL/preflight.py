@@ -5,6 +5,8 @@ traceback. They run after the config loaded (keys and types are right) and befor
 """
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,10 @@ class SaveDirError(InputError):
     """A run folder that cannot be written (a read-only disk or folder)."""
 
 
+class ClusterUnreachable(InputError):
+    """RAY_ADDRESS names a cluster that does not answer."""
+
+
 def preflight(config, model_keys: tuple[str, ...] = (MODEL_KEY,)) -> None:
     """Refuse a damaged model folder or resume checkpoint, or a read-only trainer.save_dir; then send a failure's
     traceback to the run folder (`common.cli.log_errors_to`)."""
@@ -30,6 +36,7 @@ def preflight(config, model_keys: tuple[str, ...] = (MODEL_KEY,)) -> None:
     for _, folder in latest:
         check_checkpoint(folder)
     check_writable(config.trainer.run_dir, "trainer.save_dir")
+    check_ray_address()
     log_errors_to(config.trainer.run_dir)
 
 
@@ -46,3 +53,21 @@ def check_writable(folder: str, key: str) -> None:
     except OSError as error:
         raise SaveDirError(f"{key}: cannot write the run folder {folder} ({error.strerror}); set {key} to a "
                            "writable folder") from None
+
+
+def check_ray_address(address: str | None = None) -> None:
+    """When RAY_ADDRESS names a cluster to join (HOST:PORT), refuse in seconds if nothing answers there: ray.init
+    would otherwise retry for minutes and then hang. `auto` and `ray://` addresses are left to Ray."""
+    address = os.environ.get("RAY_ADDRESS", "") if address is None else address
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ClusterUnreachable(f"RAY_ADDRESS={address}: expected HOST:PORT of the head node (ray start --head "
+                                 "prints it), or unset RAY_ADDRESS to run on a local cluster")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as error:
+        raise ClusterUnreachable(f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}); "
+                                 f"start it (ray start --head --port={port}) or unset RAY_ADDRESS to run on a local "
+                                 "cluster") from None

@@ -7,6 +7,7 @@ folder, checkpoint and run-folder checks run before Ray starts, so those cases t
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -211,6 +212,15 @@ def test_refused_data_leaves_the_run_folder_unwritten(tiny_model_dir, tmp_path):
     assert_one_line(result, 2, "data.train_files", str(tmp_path / "data"))
     assert not (tmp_path / "runs").exists()  # no run folder, config.yaml or error log for a refused input
     assert temp_logs(tmp_path)  # its traceback is kept outside the run folder
+
+
+def test_an_unreachable_ray_address_is_refused_in_seconds(tiny_model_dir, toy_data_dir, tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    result = run("RL.train_vlpo", vlpo_args(tmp_path, tiny_model_dir, toy_data_dir), tmp_path, RAY_ADDRESS=address)
+    assert_one_line(result, 2, f"RAY_ADDRESS={address}", "no Ray cluster answers")
+    assert not (tmp_path / "runs").exists()
 
 
 # ---- a full disk mid-run ----------------------------------------------------------------------------------------

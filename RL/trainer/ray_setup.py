@@ -6,6 +6,8 @@ from pathlib import Path
 
 import ray
 
+from RL.preflight import check_ray_address
+
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0", "NCCL_DEBUG": "WARN", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
@@ -20,6 +22,7 @@ def init_ray(num_local_cpus: int | None = None) -> None:
     forwarded = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "LATENT_SIZE", "WANDB_MODE")
     env = {**WORKER_ENV, **{key: os.environ[key] for key in forwarded if key in os.environ}}
     if os.environ.get("RAY_ADDRESS"):
+        check_ray_address()  # evaluation starts Ray without the trainers' preflight
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
         return
     temp_dir = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray_latent_rl"))

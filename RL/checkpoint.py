@@ -18,14 +18,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from common.atomic import atomic_open, fsync_path, fsync_tree, write_atomic
+from common.checkpoint_layout import DCP_METADATA, OPTIMIZER, SAVE_OK, TRAINER_STATE, WEIGHTS
 from common.cli import InputError, disk_full, no_space_failure
 
-SAVE_OK = "SAVE_OK"
-TRAINER_STATE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^step_(\d+)(\.[a-z]+)?\.tmp$")  # step_N.tmp, step_N.old.tmp
 CRASH_ENV = "LATENT_RL_CRASH_AT"
-DCP_METADATA = ".metadata"
 
 
 class CheckpointError(InputError):
@@ -75,19 +74,19 @@ class CheckpointManager:
         summary = {"step": int(step), "total_steps": trainer_state.get("total_steps")}
         try:
             _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
-            _write_synced(tmp / SAVE_OK, (json.dumps(summary) + "\n").encode())
+            write_atomic(tmp / SAVE_OK, json.dumps(summary) + "\n")
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)  # never complete: free the space it took at once
             if disk_full(error):
                 raise no_space_failure(tmp, error.strerror) from error
             raise
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = final.with_name(final.name + ".old.tmp")
         if final.exists():  # re-saving a step: move the old one aside (a .tmp, cleaned if we crash right here)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_path(self.run_dir)
+        fsync_path(self.run_dir)
         shutil.rmtree(old, ignore_errors=True)
         crash_point("after_rename", step)
         self.prune()
@@ -177,7 +176,7 @@ def _unreadable(folder: Path):
         yield f"{TRAINER_STATE} is missing"
     elif not zipfile.is_zipfile(state):
         yield f"{state} is truncated or corrupt"
-    for shards in sorted(folder.glob("*/model")) + sorted(folder.glob("*/optim")):
+    for shards in sorted(folder.glob(f"*/{WEIGHTS}")) + sorted(folder.glob(f"*/{OPTIMIZER}")):
         yield from _dcp_problems(shards)
 
 
@@ -245,38 +244,5 @@ def _as_python_state(value):
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
+    with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder the workers wrote, so SAVE_OK never survives a power loss without its data."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder fsync makes renames durable); best effort where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

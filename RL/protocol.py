@@ -162,10 +162,10 @@ class Batch:
 
     # ------------------------------------------------------------------------------------------- size ops
     def chunk(self, chunks: int) -> list["Batch"]:
-        """`chunks` equal parts (one per worker); an uneven split is refused: use pad_to_divisor first."""
+        """`chunks` equal parts (one per worker); an uneven split is refused (the config checks make every batch size
+        a multiple of the worker count, so this is a bug, never padded over)."""
         if chunks < 1 or len(self) % chunks:
-            raise ValueError(f"cannot chunk a batch of {len(self)} into {chunks} equal parts; "
-                             f"call pad_to_divisor({chunks}) first")
+            raise ValueError(f"cannot chunk a batch of {len(self)} into {chunks} equal parts")
         return self.split(len(self) // chunks)
 
     def split(self, size: int) -> list["Batch"]:
@@ -204,24 +204,6 @@ class Batch:
             raise ValueError("reorder needs a permutation of the batch positions; use batch[indices] to select")
         return self[positions]
 
-    def pad_to_divisor(self, divisor: int) -> tuple["Batch", int]:
-        """Append copies of the first samples until the length divides by `divisor`; returns (batch, pad_count).
-
-        Padding with real samples keeps every row valid for the model; drop them again with `unpad`."""
-        if divisor < 1:
-            raise ValueError(f"divisor must be >= 1, got {divisor}")
-        if len(self) == 0:
-            raise ValueError("cannot pad an empty batch")
-        pad_count = -len(self) % divisor
-        if pad_count == 0:
-            return self, 0
-        index = torch.cat([torch.arange(len(self)), torch.arange(pad_count) % len(self)])
-        return self[index], pad_count
-
-    def unpad(self, pad_count: int) -> "Batch":
-        """Drop the `pad_count` samples `pad_to_divisor` appended."""
-        return self[:len(self) - pad_count] if pad_count else self
-
     # ------------------------------------------------------------------------------------- conversion, I/O
     def to(self, device: Union[str, torch.device]) -> "Batch":
         return Batch(self.tensors.to(device), self.non_tensors, self.meta, batch_size=len(self))
@@ -247,10 +229,6 @@ class Batch:
         self.tensors, self.non_tensors, self.meta = state["tensors"], state["non_tensors"], state["meta"]
 
 
-def unpad(batch: Batch, pad_count: int) -> Batch:
-    return batch.unpad(pad_count)
-
-
 def _objects_equal(left: Any, right: Any) -> bool:
     if left is right:
         return True
@@ -262,28 +240,3 @@ def _objects_equal(left: Any, right: Any) -> bool:
         return bool(left == right)
     except (ValueError, RuntimeError, TypeError):
         return False
-
-
-def left_pad(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
-    """Stack 1-D rows of different lengths into (B, longest), padded on the left (prompts end where generation starts)."""
-    width = max(len(row) for row in rows)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.as_tensor(rows[0]).dtype)
-    for index, row in enumerate(rows):
-        out[index, width - len(row):] = row
-    return out
-
-
-def left_pad_mask(lengths: list[int], width: int) -> torch.Tensor:
-    """(B, width) long mask of the real tokens of left-padded rows, by length rather than by id (a row may itself
-    contain the pad id, e.g. <|endoftext|>)."""
-    lengths = torch.as_tensor(lengths)
-    return (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
-
-
-def right_pad(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
-    """Stack 1-D rows into (B, width), padded (or cut) on the right (responses)."""
-    dtype = rows[0].dtype if rows else torch.long
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for index, row in enumerate(rows):
-        out[index, : len(row)] = row[:width]
-    return out

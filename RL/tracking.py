@@ -17,7 +17,9 @@ from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
 
+from common.atomic import write_atomic
 from common.cli import disk_full, no_space_failure
+from common.jsonl import read_jsonl
 from common.secrets import redact, secret_values  # the one home of the secret rules
 
 CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "val/accuracy", "actor/pg_loss", "actor/kl_loss",
@@ -154,15 +156,7 @@ def console_line(row: dict) -> str:
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """All rows of a metrics.jsonl (a run folder or the file); a torn last line from a crash is skipped."""
     path = Path(path)
-    path = path / METRICS_FILE if path.is_dir() else path
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return read_jsonl(path / METRICS_FILE if path.is_dir() else path)
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
@@ -179,29 +173,19 @@ def _append_lines(path: Path, lines: list[str]) -> None:
 
 
 def _truncate_jsonl(path: Path, step: int) -> int:
+    """Keep the lines of steps <= `step` (the file is replaced whole); returns how many lines went, a torn one
+    included."""
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by the crash
-            dropped += 1
-            continue
-        if int(row.get("step", -1)) > step:
-            dropped += 1
-        else:
-            kept.append(line)
-    partial = path.with_name(path.name + ".partial")
+    lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    kept = [row for row in read_jsonl(path) if int(row.get("step", -1)) <= step]
     try:
-        partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    except OSError as error:
-        partial.unlink(missing_ok=True)  # the file itself is untouched until the rename
+        write_atomic(path, "".join(json.dumps(row, allow_nan=True) + "\n" for row in kept))
+    except OSError as error:  # the file itself is untouched until the rename
         if disk_full(error):
-            raise no_space_failure(partial, error.strerror) from error
+            raise no_space_failure(path, error.strerror) from error
         raise
-    os.replace(partial, path)
-    return dropped
+    return lines - len(kept)
 
 
 def _plain(obj: Any) -> Any:

@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 
 from monet_models.transformers import load_latent_model
 from tests.helpers import coloured_image, encode_prompts
-from tools.merge_model import MergeError, merge_checkpoint
+from RL.model_export import MergeError, merge_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_ATTENTION = r".*model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -69,7 +69,7 @@ def test_full_weights_merge_via_script_is_exact(tiny_model_dir, tmp_path):
     merged, merged_processor = load_merged(step_dir / "huggingface")
     assert type(merged).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert torch.equal(logits(merged, merged_processor), logits(model, processor))
-    assert not (step_dir / "huggingface.tmp").exists()
+    assert not (step_dir / "huggingface.partial").exists()
 
 
 def test_lora_merge_matches_adapter(tiny_model_dir, tmp_path):

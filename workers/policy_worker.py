@@ -9,10 +9,10 @@ from the actor each step; `worker.placement.colocate=false` runs it in its own g
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
+from common.checkpoint_layout import hf_files_dir, role_dir
 from monet_models.run_settings import settings_from_config
 from monet_models.transformers import load_latent_model
 from common.seeding import derive_seed
@@ -167,12 +167,12 @@ class PolicyWorker(DistributedWorker):
     def save_checkpoint(self, folder: str) -> None:
         """Every policy into `folder/<policy>/` (shards, optimizer, Hugging Face files)."""
         for name, policy in self.policies.items():
-            policy_dir = Path(folder) / name
+            policy_dir = role_dir(folder, name)
             policy.save(str(policy_dir))
             if self.rank == 0:
-                self.model.save_hf_files(str(policy_dir / "huggingface"), settings_from_config(self.config, name),
+                self.model.save_hf_files(str(hf_files_dir(policy_dir)), settings_from_config(self.config, name),
                                          policy.adapter)
 
     def load_checkpoint(self, folder: str) -> None:
         for name, policy in self.policies.items():
-            policy.load(str(Path(folder) / name))
+            policy.load(str(role_dir(folder, name)))

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from common.atomic import write_atomic
+
 MANIFEST = "MANIFEST.json"
 
 
@@ -33,9 +35,7 @@ class LatentTargets:
 
     def finish(self, summary: dict) -> None:
         """Write the manifest (atomically): the targets are complete."""
-        partial = self.folder / (MANIFEST + ".partial")
-        partial.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(partial, self.folder / MANIFEST)
+        write_atomic(self.folder / MANIFEST, json.dumps(summary, indent=2) + "\n")
 
     def manifest(self) -> dict:
         return json.loads((self.folder / MANIFEST).read_text())

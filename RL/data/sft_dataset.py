@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
+from common.padding import right_pad, right_pad_mask
 from RL.data.errors import DataError, RowSkipped, skip_summary
 from RL.data.fields import DETAIL_CHARS, shorten
 from RL.data.images import (CorruptImageError, ImageTooLargeError, MissingImageError, decode_image, fitted_size,
@@ -289,17 +290,13 @@ def collate_sft(items: list[dict], pad_id: int, meta: Optional[dict] = None):
             continue
         rows = [item[key] for item in items]
         width = max(len(row) for row in rows)
-        fill = pad_id if key.endswith("input_ids") else 0
-        tensors[name] = torch.stack([torch.cat([row, row.new_full((width - len(row),), fill)]) for row in rows])
+        tensors[name] = right_pad(rows, width, pad_id if key.endswith("input_ids") else 0)
         if key.endswith("input_ids"):
-            mask_name = name.replace("input_ids", "attention_mask")
-            tensors[mask_name] = torch.stack([(torch.arange(width) < len(row)).long() for row in rows])
+            tensors[name.replace("input_ids", "attention_mask")] = right_pad_mask([len(row) for row in rows], width)
     non_tensors = {key: [item[key] for item in items] for key in PER_SAMPLE if key in items[0]}
     return Batch(tensors, non_tensors, meta)
 
 
 def sft_dataset(config, processor, latent_size: int, files: Optional[Any] = None) -> SFTDataset:
-    """The dataset of the `sft` section: `sft.train_files`, else `data.train_files`."""
-    key = "sft.train_files" if config.sft.train_files and not files else "data.train_files"
-    return SFTDataset(files or config.sft.train_files or config.data.train_files, processor, config.data, config.sft,
-                      latent_size, key=key)
+    """The dataset of the `sft` section: the rows of `files`, else of `data.train_files`."""
+    return SFTDataset(files or config.data.train_files, processor, config.data, config.sft, latent_size)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
+from common.atomic import atomic_open
 from RL.data.errors import DataError
 from RL.data.fields import shorten
 from RL.data.sources import as_path_list
@@ -66,14 +66,9 @@ def write_rows(rows: Iterator[dict], path: Path, data) -> Path:
     appears only complete (a refused row or a crash leaves neither it nor its `.partial`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = {"question": data.prompt_key, "answer": data.answer_key, "images": data.image_key}
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with partial.open("w") as handle:
-            for row in rows:
-                handle.write(json.dumps({names.get(key, key): value for key, value in row.items()}) + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_open(path) as handle:
+        for row in rows:
+            handle.write(json.dumps({names.get(key, key): value for key, value in row.items()}) + "\n")
     return path
 
 

@@ -7,14 +7,12 @@ two experiments in one file. A line cut short by a crash is dropped on reading, 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
+from common.jsonl import drop_torn_line
 from RL.config import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 class PassStore:
@@ -47,21 +45,7 @@ class PassStore:
 
 def read_rows(path: Path) -> list[dict]:
     """The complete rows of a jsonl file; a torn last line is cut off the file (its item is redone)."""
-    if not path.exists():
-        return []
-    rows, text = [], path.read_text()
-    lines = text.split("\n")
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines) - 1 and any(rest.strip() for rest in lines[number + 1:]):
-                raise ValueError(f"{path} line {number + 1} is not JSON; fix or delete the file") from None
-            logger.warning("%s: dropping a torn last line (an interrupted write); its item runs again", path)
-            path.write_text("\n".join(lines[:number]) + ("\n" if number else ""))
-    return rows
+    return drop_torn_line(path)
 
 
 def _refuse_changed(before: dict, now: dict, path: Path) -> None:

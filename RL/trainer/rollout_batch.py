@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from RL.protocol import Batch, left_pad, left_pad_mask, object_array, right_pad
+from common.padding import left_pad, left_pad_mask, right_pad
+from RL.protocol import Batch, object_array
 
 
 def render_response(tokenizer, response_ids: torch.Tensor, tokens) -> str:

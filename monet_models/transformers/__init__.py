@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from common.checkpoint_layout import torch_dtype
 from monet_models.latent_tokens import LatentTokens, add_latent_tokens
 from monet_models.processor import load_processor
 from monet_models.transformers.latent_qwen2_5_vl import LatentForwardOutput, LatentQwen2_5_VLForConditionalGeneration
 from monet_models.transformers.log_probs import latent_log_density, latent_means, sequence_log_probs, token_log_probs
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 def load_latent_model(path: str, dtype: str | torch.dtype = "fp32", attn_implementation: str | None = None,
@@ -21,10 +19,10 @@ def load_latent_model(path: str, dtype: str | torch.dtype = "fp32", attn_impleme
     from transformers import AutoConfig
 
     processor = load_processor(path)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     attn = attn_implementation or ("flash_attention_2" if _flash_available() else "sdpa")
     config = override(AutoConfig.from_pretrained(path), dict(config_overrides or {}))
-    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(path, config=config, dtype=torch_dtype,
+    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype,
                                                                      attn_implementation=attn)
     add_latent_tokens(processor.tokenizer, model)
     model.set_latent_tokens(LatentTokens.from_tokenizer(processor.tokenizer))
@@ -57,5 +55,5 @@ def _flash_available() -> bool:
 
 __all__ = [
     "LatentForwardOutput", "LatentQwen2_5_VLForConditionalGeneration", "load_latent_model", "sequence_log_probs",
-    "token_log_probs", "latent_log_density", "latent_means", "DTYPES",
+    "token_log_probs", "latent_log_density", "latent_means",
 ]

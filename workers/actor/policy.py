@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.checkpoint_layout import optimizer_dir, weights_dir
 from workers.actor.sharded_model import ShardedModel
 
 
@@ -40,21 +41,21 @@ class Policy:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save(self.model.sharded_state(self.adapter), checkpoint_id=f"{folder}/model")
+        dcp.save(self.model.sharded_state(self.adapter), checkpoint_id=str(weights_dir(folder)))
         state = {"optimizer": get_optimizer_state_dict(self.model.module, self.optimizer),
                  "scheduler": self.scheduler.state_dict()}
-        dcp.save(state, checkpoint_id=f"{folder}/optim")
+        dcp.save(state, checkpoint_id=str(optimizer_dir(folder)))
 
     def load(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         weights = self.model.sharded_state(self.adapter)
-        dcp.load(weights, checkpoint_id=f"{folder}/model")
+        dcp.load(weights, checkpoint_id=str(weights_dir(folder)))
         self.model.load_sharded_state(weights)
         state = {"optimizer": get_optimizer_state_dict(self.model.module, self.optimizer),
                  "scheduler": self.scheduler.state_dict()}
-        dcp.load(state, checkpoint_id=f"{folder}/optim")
+        dcp.load(state, checkpoint_id=str(optimizer_dir(folder)))
         set_optimizer_state_dict(self.model.module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -17,13 +17,11 @@ observation count, so shares summed over micro-batches and ranks are the step's 
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from common.atomic import atomic_path
 from monet_models.transformers.latent_recurrence import (base_model, captured_layers, count_rounds, image_features,
                                                          recurrent_latent_forward)
 from monet_models.transformers.packing import pack, unpack
@@ -261,7 +259,5 @@ def save_latents(path: str, latents: dict[str, torch.Tensor]) -> None:
     """One rank's latents for one part, written under a temporary name and renamed (never half a file)."""
     from safetensors.torch import save_file
 
-    target = Path(path)
-    partial = target.with_name(target.name + ".partial")
-    save_file({key: value.contiguous() for key, value in latents.items()}, str(partial))
-    os.replace(partial, target)
+    with atomic_path(path) as partial:
+        save_file({key: value.contiguous() for key, value in latents.items()}, str(partial))

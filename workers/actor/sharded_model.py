@@ -13,7 +13,8 @@ from contextlib import contextmanager
 import torch
 
 from monet_models.run_settings import write_run_settings
-from monet_models.transformers import DTYPES, load_latent_model
+from common.checkpoint_layout import torch_dtype
+from monet_models.transformers import load_latent_model
 from workers.actor.fsdp import full_tensor, shard_model
 from workers.actor.lora import apply_lora, is_adapter_key
 from workers.actor.model_inputs import model_inputs, position_scores, unwrapped
@@ -38,7 +39,7 @@ class ShardedModel:
         if self.adapters:
             model = apply_lora(model, actor_config.model.lora, self.adapters)
         model.to(self.device)
-        compute_dtype = DTYPES[fsdp.torch_dtype]
+        compute_dtype = torch_dtype(fsdp.torch_dtype)
         mixed = compute_dtype if model.dtype != compute_dtype else None
         self.module = shard_model(model, param_dtype=mixed, reshard_after_forward=fsdp.enable_full_shard,
                                   offload_params=offload.offload_params or offload.offload_optimizer,

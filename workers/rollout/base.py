@@ -134,9 +134,6 @@ def weights_items(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
     return iter(weights.items()) if isinstance(weights, Mapping) else iter(weights)
 
 
-PEFT_PREFIX = "base_model.model."  # peft's prefix of every module name of the wrapped model
-
-
 class RolloutEngine(ABC):
     """Generates n samples per prompt; outputs are ordered prompt-major (prompt 0's n samples first).
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from common.checkpoint_layout import PEFT_PREFIX
+from common.padding import left_pad, left_pad_mask
 from monet_models.latent_tokens import LatentTokens, noise_scale
 from workers.rollout.kv_cache import RolloutCache
-from workers.rollout.base import (LATENT_OVERRIDES, PEFT_PREFIX, PromptInput, RolloutEngine, RolloutSample,
-                                  SamplingParams, weights_items)
+from workers.rollout.base import (LATENT_OVERRIDES, PromptInput, RolloutEngine, RolloutSample, SamplingParams,
+                                  weights_items)
 from workers.rollout.latent_state import LatentLayout, LatentStates
 from workers.rollout.records import RolloutRecorder
 from workers.rollout.sampling import LatentNoise, Sampler, base_seed, log_probs_of, make_generator
@@ -224,7 +226,8 @@ class NativeRolloutEngine(RolloutEngine):
     def _prefill(self, prompts: list[PromptInput], params: SamplingParams, layout: LatentLayout) -> _Batch:
         """Prefill each unique prompt once, then repeat its cache and state for its n samples."""
         model, device = self.model, self.device
-        ids, mask = _left_pad([p.input_ids for p in prompts], self.tokens.pad_token, device)
+        ids = left_pad([p.input_ids for p in prompts], self.tokens.pad_token).long().to(device)
+        mask = left_pad_mask([len(p.input_ids) for p in prompts], ids.shape[1]).to(device)
         grids = [p.image_grid_thw for p in prompts if p.has_images]
         grid = torch.cat(grids).to(device) if grids else None
         image_embeds = None
@@ -356,14 +359,3 @@ class NativeRolloutEngine(RolloutEngine):
                          past_key_values=batch.cache, use_cache=True, latent_mode=True)
         batch.hidden = out.hidden_states[:, -1]
         batch.logits = out.logits[:, -1].float()
-
-
-def _left_pad(sequences: list[torch.Tensor], pad_id: int, device):
-    """(ids, mask) for 1-D sequences, padded on the left."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), longest, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, longest - len(sequence):] = torch.as_tensor(sequence, dtype=torch.long)
-        mask[row, longest - len(sequence):] = 1
-    return ids.to(device), mask.to(device)

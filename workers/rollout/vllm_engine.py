@@ -31,6 +31,7 @@ import psutil
 import torch
 
 from monet_models.latent_tokens import LatentTokens
+from common.checkpoint_layout import DTYPE_NAMES, torch_dtype
 from common.cli import InputError
 from workers.rollout.engines import vllm_available
 from workers.rollout.base import PromptInput, RolloutEngine, RolloutSample, SamplingParams, Weights, weights_items
@@ -39,8 +40,6 @@ from workers.rollout.records import block_layout
 from workers.rollout.sampling import base_seed, request_seed
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 KV_KEY = "worker.rollout.cpu_kvcache_space_gb"
 MIN_CPU_KV_CACHE_GB = 1.0
 CPU_BLOCK_SIZE = 128  # vLLM's CPU default; the cache is allocated in whole blocks
@@ -59,7 +58,7 @@ def engine_kwargs(model_path: str, config, seed: int, lora_rank: int = 0, max_lo
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         model=model_path, hf_overrides={**(config_overrides or {}), "architectures": [LATENT_ARCHITECTURE]}, seed=seed,
-        dtype=DTYPES.get(setting("dtype", "bf16"), setting("dtype", "bf16")),
+        dtype=DTYPE_NAMES.get(setting("dtype", "bf16"), setting("dtype", "bf16")),
         tensor_parallel_size=setting("tensor_parallel_size", 1), max_num_seqs=setting("max_num_seqs", 128),
         max_num_batched_tokens=setting("max_num_batched_tokens", 16384),
         enable_chunked_prefill=setting("enable_chunked_prefill", False), enforce_eager=True,
@@ -119,7 +118,8 @@ def kv_bytes_per_token(model_path: str, dtype: str) -> int:
     text = _text_config(model_path)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return 2 * text.num_hidden_layers * heads * head_dim * DTYPE_BYTES.get(dtype, 2)
+    dtype_bytes = torch_dtype(dtype).itemsize if dtype in DTYPE_NAMES else 2  # vLLM's "auto" and the like: 16 bits
+    return 2 * text.num_hidden_layers * heads * head_dim * dtype_bytes
 
 
 def _text_config(model_path: str):

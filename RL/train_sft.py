@@ -1,8 +1,9 @@
 """usage: python -m RL.train_sft [config=F.yaml] sft.stage=monet1|monet2|monet3|mirage1|mirage2 [key=value ...] [--debug]
 
 Latent SFT on Ray, on the same FSDP policy workers as VLPO (docs/sft.md): one update rule per stage applied to the
-`actor` policy, checkpoints in `<trainer.save_dir>/<sft.experiment_name>/step_*` (merge_model.sh reads them), metrics
-in its metrics.jsonl, and at the end the model as a Hugging Face folder in `sft.output_dir`, ready for VLPO, vLLM or
+`actor` policy, checkpoints in the run folder's step_* (merge_model.sh reads them; the folder is
+`<sft.output_dir>-run`, else `<trainer.save_dir>/<trainer.experiment_name>-sft-<stage>`), metrics in its
+metrics.jsonl, and at the end the model as a Hugging Face folder in `sft.output_dir`, ready for VLPO, vLLM or
 the next stage. Re-running the same command resumes the run. The config is refused before torch or Ray is imported.
 The default stage, mirage2, is CE with the hidden-state recurrence: what the RL rows' warm starts train (a latent
 block then the boxed answer, or a given `response` in which every `<latent>` is a block). A failure is one
@@ -36,9 +37,7 @@ def sft_run_config(config):
     for section, key, value in overrides:
         if value is not None:
             setattr(section, key, value)
-    if sft.experiment_name:
-        trainer.experiment_name = sft.experiment_name
-    elif sft.output_dir:  # the run that makes a named model sits next to it
+    if sft.output_dir:  # the run that makes a named model sits next to it
         trainer.save_dir, trainer.experiment_name = str(Path(sft.output_dir).parent), Path(sft.output_dir).name + "-run"
     else:
         trainer.experiment_name = f"{trainer.experiment_name}-sft-{sft.stage}"
@@ -61,8 +60,8 @@ def check(config) -> None:
     sft = config.sft
     if not config.worker.actor.model.model_path:
         errors.append("worker.actor.model.model_path: required (the model to train)")
-    if not (sft.train_files or config.data.train_files):
-        errors.append("sft.train_files, data.train_files: one is required (the SFT rows)")
+    if not config.data.train_files:
+        errors.append("data.train_files: required (the SFT rows)")
     if sft.stage == "monet3" and teacher_needed(config) and not Path(sft.teacher_path or "/nonexistent").is_dir():
         errors.append(f"sft.teacher_path: monet3 learns the stage-2 model's latents, and {sft.latent_targets} holds "
                       f"none yet; give the stage-2 model folder (got {sft.teacher_path!r})")
@@ -119,7 +118,7 @@ def export_model(config) -> Path:
     marker = {"run": str(config.trainer.run_dir), "step": step}
     if (out / EXPORTED).is_file() and json.loads((out / EXPORTED).read_text()) == marker:
         return out
-    from tools.merge_model import merge_checkpoint
+    from RL.model_export import merge_checkpoint  # imports torch: only once the run is done
 
     merge_checkpoint(folder, "actor", out)
     (out / EXPORTED).write_text(json.dumps(marker) + "\n")

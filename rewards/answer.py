@@ -1,4 +1,5 @@
-"""Answer extraction shared by the rule grader, the format reward and the API judge.
+"""Answers, one home: extraction and normalisation for the rule grader, the format reward, the API judge and the
+self-evolution vote (``\\boxed{}`` is found only by ``last_boxed``, text is normalised only by ``normalize_text``).
 
 Responses reach the reward worker with latent blocks rendered as ``<latent×K>``; those placeholders carry no answer text
 and must never be graded, so every extractor strips them first.
@@ -6,21 +7,19 @@ and must never be graded, so every extractor strips them first.
 from __future__ import annotations
 
 import re
+import string
 
 _LATENT_RE = re.compile(r"<latent[^>]*>|<abs_vis_token(?:_pad)?>|</abs_vis_token>")
 _BOXED_RE = re.compile(r"\\boxed\s*\{")
 _LAST_IS_RE = re.compile(r"\bis\b(?!.*\bis\b)", re.IGNORECASE | re.DOTALL)
-_TAG_SPACES_RE = re.compile(r"\s*([<>/])\s*")
+
+GRADER_EDGES = " .!?;:'\"()[]{}"  # keeps signs, %, units and operators: "-5" is not "5" for the rule grader
+VOTE_EDGES = " " + string.punctuation  # every ASCII mark, as iReasoner's release strips before its majority vote
 
 
 def strip_latents(text: str) -> str:
     """Remove latent placeholders and stray latent special tokens (they are not answer text)."""
     return _LATENT_RE.sub("", text or "")
-
-
-def normalize_tag_spaces(text: str) -> str:
-    """Collapse spaces around ``<``, ``>`` and ``/`` as Monet does before looking for ``\\boxed``."""
-    return _TAG_SPACES_RE.sub(r"\1", text)
 
 
 def last_boxed(text: str) -> str | None:
@@ -56,9 +55,12 @@ def judge_prediction(response: str, repetition: bool = False) -> str:
     return answer or strip_latents(response).strip()
 
 
-def normalize_text(text: str) -> str:
-    """Lower-case, drop LaTeX text wrappers, commas, surrounding punctuation and extra spaces (for word answers)."""
+def normalize_text(text: str, edges: str = GRADER_EDGES) -> str:
+    """Lower-case, drop LaTeX text wrappers, ``$``, commas and extra spaces, then strip the characters `edges` from both
+    ends. Why two edge sets: the rule grader compares with a ground truth, so a sign or a unit at an end is part of
+    the answer (`GRADER_EDGES`); the self-evolution vote compares samples with each other, and iReasoner's release
+    counts answers that differ only in punctuation at an end as the same vote (`VOTE_EDGES`)."""
     text = re.sub(r"\\text(?:bf|rm|it)?\s*\{([^{}]*)\}", r"\1", text or "")
     text = text.replace("$", "").replace(",", "").lower()
     text = re.sub(r"\s+", " ", text).strip()
-    return text.strip(" .!?;:'\"()[]{}")
+    return text.strip(edges)

@@ -14,9 +14,11 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 REWARD_TYPES = ("batch", "sequential")
+_REPO_ROOT = Path(__file__).resolve().parents[1]  # where the bundled reward functions (rewards/, examples/) live
 
 
 class RewardFunctionError(ValueError):
@@ -33,6 +35,19 @@ class RewardInput:
     response_length: int = 0  # tokens
     extra: dict[str, Any] = field(default_factory=dict)  # the data row's other fields
     group_id: str = ""  # samples of one prompt share it
+
+
+def resolve_function_spec(spec: str) -> str:
+    """The one rule for a ``file.py:fn`` path: absolute, because Ray workers may start in another directory; a relative
+    path is taken from the current directory, else from the repository (the defaults name bundled files). A module
+    spec (``package.module:fn``) is returned as it is."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target.endswith(".py"):
+        return spec
+    path = Path(target).expanduser()
+    if not path.is_absolute() and not path.exists() and (_REPO_ROOT / path).exists():
+        path = _REPO_ROOT / path
+    return f"{path.resolve()}:{name}"
 
 
 def _package_module(file: str):

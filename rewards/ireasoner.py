@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Callable
 
 from .accuracy import answers_match
-from .answer import strip_latents
+from .answer import VOTE_EDGES, normalize_text, strip_latents
 from .interface import RewardInput
-from .ireasoner_parse import normalize_answer, parse_answer, parse_think, word_count
+from .judgement import Judgement, judge_rule_negatives
+from .ireasoner_parse import parse_answer, parse_think, word_count
 from .self_consistency import EVOLMM_LEN, IREASONER_LEN, answer_stats, soft_rewards
 from .step_agreement import split_steps, step_agreement_rewards, step_weight
 
@@ -18,8 +19,8 @@ STEP_STATS = ("dominant_size", "positions_used", "mean_cos", "density")
 
 
 def solver_answer(response: str) -> str:
-    """The normalised answer a solver response gives (latent placeholders carry no answer text)."""
-    return normalize_answer(parse_answer(strip_latents(response)))
+    """The normalised answer a solver response gives, the one its samples vote with (latents carry no answer text)."""
+    return normalize_text(parse_answer(strip_latents(response)), VOTE_EDGES)
 
 
 def _groups(samples: list[RewardInput]) -> dict[str, list[int]]:
@@ -55,7 +56,7 @@ def ireasoner_solver_reward(samples: list[RewardInput], step: int = 0, total_ste
     out: list[dict[str, float]] = [{} for _ in samples]
     for indices in _groups(samples).values():
         texts = [strip_latents(samples[i].response) for i in indices]
-        answers = [normalize_answer(parse_answer(t)) for t in texts]
+        answers = [solver_answer(t) for t in texts]
         soft = soft_rewards(answers, [word_count(t) for t in texts], gamma, lam, tau)
         step_r, info = [0.0] * len(indices), dict.fromkeys(STEP_STATS, 0.0)
         if w_t > 0:
@@ -74,19 +75,9 @@ def ireasoner_solver_reward(samples: list[RewardInput], step: int = 0, total_ste
     return out
 
 
-def judge_answers(questions: list[str], predictions: list[str], truths: list[str], judge=None) -> list[int | None]:
-    """Verdicts (1/0) of already extracted answers: rules first, rule negatives to the API judge when one is set.
-
-    A judge failure or unreadable reply keeps the rule verdict (no verdict is never "incorrect" by itself).
-    """
-    verdicts = [int(answers_match(p, t)) for p, t in zip(predictions, truths)]
-    negatives = [i for i, v in enumerate(verdicts) if v == 0 and predictions[i].strip()]
-    if judge is None or not negatives:
-        return verdicts
-    from rewards.judges import JudgeRequest
-
-    outcomes = judge.judge([JudgeRequest(questions[i], predictions[i], truths[i]) for i in negatives])
-    for i, outcome in zip(negatives, outcomes):
-        if outcome.verdict is not None:
-            verdicts[i] = int(outcome.verdict > 0)
-    return verdicts
+def judge_answers(questions: list[str], predictions: list[str], truths: list[str], judge=None) -> list[int]:
+    """Verdicts (1/0) of already extracted answers: rules first, rule negatives to the API judge when one is set
+    (`rewards.judgement`: a judge failure keeps the rule verdict; a −1 from repetition mode counts as 0 here)."""
+    judged = [Judgement(int(answers_match(p, t))) for p, t in zip(predictions, truths)]
+    judged = judge_rule_negatives(judged, list(zip(questions, predictions, truths)), judge)
+    return [int(j.verdict > 0) for j in judged]

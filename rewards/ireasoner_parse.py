@@ -1,6 +1,7 @@
 """Parsing of proposer and solver outputs for the self-evolution loop (iReasoner section 3, as released).
 
-Answers are compared by exact equality after ``normalize_answer``, so that function decides which samples agree.
+Answers are compared by exact equality after ``rewards.ireasoner.solver_answer`` (this parser, then the one answer
+normaliser ``rewards.answer.normalize_text`` with iReasoner's edges), which decides which samples agree.
 """
 from __future__ import annotations
 
@@ -31,13 +32,6 @@ def parse_answer(output: str) -> str:
         return inner.strip()
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     return lines[-1] if lines else "unknown"
-
-
-def normalize_answer(answer: str) -> str:
-    """Lower-case, drop commas, whitespace collapsed, punctuation and spaces stripped at both ends."""
-    text = answer.lower().strip().replace(",", "")
-    text = re.sub(r"\s+", " ", text.replace("\n", " ").replace("\t", " "))
-    return text.strip(" " + "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
 def parse_think(output: str) -> str:

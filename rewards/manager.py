@@ -5,15 +5,12 @@ while the API judge (clients, cache connection, threads) is built on first use, 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .interface import REWARD_TYPES, RewardFunctionError, RewardInput, accepted_kwargs, call_reward_function, \
-    load_reward_function
+    load_reward_function, resolve_function_spec
 from .length import LengthReference
-
-_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -21,17 +18,6 @@ class RewardResult:
     overall: list[float]
     components: dict[str, list[float]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_function_spec(spec: str) -> str:
-    """Make a relative ``file.py:fn`` absolute: against the current dir, else the project root (for the defaults)."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target.endswith(".py") or os.path.isabs(target):
-        return spec
-    for base in (os.getcwd(), _PROJECT_ROOT):
-        if os.path.isfile(os.path.join(base, target)):
-            return f"{os.path.join(base, target)}:{name}"
-    return f"{os.path.abspath(target)}:{name}"
 
 
 def _mean(values: list[float]) -> float:

@@ -11,32 +11,13 @@ asked and gave none, so the rule verdict stands) and ``unextractable`` (1 when t
 from __future__ import annotations
 
 import hashlib
-import logging
-from dataclasses import dataclass
 
 from .accuracy import rule_accuracy
 from .answer import extract_answer, judge_prediction
 from .format_reward import boxed_format_reward
 from .interface import RewardInput
+from .judgement import Judgement, judge_rule_negatives
 from .length import LengthReference, group_length_penalties
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """How one response was judged: the rule verdict, then the API's outcome when it was asked."""
-
-    rule: int
-    unextractable: bool = False  # the rules found no answer in the response
-    asked: bool = False  # sent to the API judge
-    api_verdict: int | None = None  # None: not asked, or asked without a verdict
-    api_source: str = ""  # "api" | "cache" when asked
-
-    @property
-    def verdict(self) -> int:
-        """The verdict in the reward: the API's when it gave one, else the rule's."""
-        return self.rule if self.api_verdict is None else self.api_verdict
 
 
 def _question(sample: RewardInput) -> str:
@@ -56,29 +37,12 @@ def _skips_unextractable(judge) -> bool:
 
 def judge_responses(items: list[tuple[str, str, str]], judge=None, repetition: bool = False) -> list[Judgement]:
     """Judge (question, response, ground truth) triples: rules, then rule negatives to the API judge (if any)."""
-    from rewards.judges import JudgeRequest
-
     judged = [Judgement(int(rule_accuracy(response, truth)), not extract_answer(response))
               for _, response, truth in items]
-    if judge is None:
-        return judged
     skip = _skips_unextractable(judge)
-    predictions = {i: judge_prediction(items[i][1], repetition) for i, j in enumerate(judged)
-                   if j.rule == 0 and not (skip and j.unextractable)}
-    ask = [i for i, prediction in predictions.items() if prediction]  # an empty response has nothing to judge
-    if not ask:
-        return judged
-    requests = [JudgeRequest(items[i][0], predictions[i], items[i][2]) for i in ask]
-    try:
-        outcomes = judge.judge(requests)
-    except Exception as exc:  # noqa: BLE001 - the judge is a fallback: its failure is "no verdict" for all asked
-        logger.warning("API judge failed (%s); keeping rule verdicts", type(exc).__name__)
-        outcomes = [None] * len(ask)
-    for i, outcome in zip(ask, outcomes):
-        verdict = None if outcome is None or outcome.source == "skip" else outcome.verdict
-        source = "api" if outcome is None else outcome.source
-        judged[i] = Judgement(judged[i].rule, judged[i].unextractable, True, verdict, source)
-    return judged
+    asks = [None if skip and j.unextractable else (question, judge_prediction(response, repetition), truth)
+            for j, (question, response, truth) in zip(judged, items)]
+    return judge_rule_negatives(judged, asks, judge)
 
 
 def vlpo_reward(samples: list[RewardInput], judge=None, repetition_penalty: bool = False,

@@ -1,4 +1,4 @@
-"""Data: load-time row checks, every image form and file kind, collation, resumable order, image pool."""
+"""Data: load-time row checks, every image form and file kind, items, resumable order, image pool."""
 import base64
 import io
 import json
@@ -12,7 +12,7 @@ from PIL import Image
 
 from monet_models.processor import load_processor
 from RL.config import load_config
-from RL.data import ImagePool, RLPromptDataset, StatefulPromptLoader, build_loader, to_batch, vision_inputs
+from RL.data import ImagePool, RLPromptDataset, StatefulPromptLoader, build_loader
 from RL.data.errors import DataError
 from RL.data.images import CorruptImageError, ImageTooLargeError, decode_image
 from tests.thyme_data import FORMS, bomb_png, noisy_image, write_thyme_parquet
@@ -293,35 +293,22 @@ def test_from_config_and_max_samples_do_not_drop_the_last_row(toy_data_dir, proc
     assert RLPromptDataset(train, processor, config.data).options.max_prompt_length == 256  # sft.py's call form
 
 
-# ---------------------------------------------------------------------------------------------- collation
-def test_collated_batch_left_padded_and_image_tokens_match_features(tmp_path, toy_data_dir, processor):
+# -------------------------------------------------------------------------------------------------- items
+def test_items_image_tokens_match_their_features(tmp_path, toy_data_dir, processor):
     rows = toy_rows(toy_data_dir, 3)
     rows[1]["problem"] = "<image>" + "Describe everything you see in great detail, please. " * 3
     rows.append(row(9, [], problem="A question without any image?"))
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     dataset = RLPromptDataset(str(path), processor, image_dir=toy_data_dir, **OPTIONS)
     items = [dataset[i] for i in range(len(dataset))]
-    batch = dataset.collate_fn(items)
-    lengths = [len(item["input_ids"]) for item in items]
-    assert batch["input_ids"].shape == (4, max(lengths))
-    for index, length in enumerate(lengths):
-        assert batch["attention_mask"][index].tolist() == [0] * (max(lengths) - length) + [1] * length
-        assert torch.equal(batch["input_ids"][index, max(lengths) - length:], items[index]["input_ids"])
-    pad = processor.tokenizer.pad_token_id
-    assert (batch["input_ids"][batch["attention_mask"] == 0] == pad).all()
-    patches = int(batch["image_grid_thw"].prod(-1).sum())
     merge = processor.image_processor.merge_size
-    assert image_token_count(batch["input_ids"], processor) == patches // merge ** 2
-    assert batch["pixel_values"].shape[0] == patches and batch["num_images"].tolist() == [1, 1, 1, 0]
-    assert int(batch["mm_token_type_ids"].sum()) == patches // merge ** 2
-    assert batch["ground_truth"][3] == "red" and batch["images"][3] == []
-
-    as_batch = to_batch(batch, meta={"min_pixels": 3136})
-    assert len(as_batch) == 4 and as_batch.meta["min_pixels"] == 3136
-    picked = as_batch[[2, 0]]
-    vision = vision_inputs(picked)
-    assert torch.equal(vision["pixel_values"], torch.cat([items[2]["pixel_values"], items[0]["pixel_values"]]))
-    assert vision["image_grid_thw"].shape == (2, 3)
+    for item in items:
+        patches = int(item["image_grid_thw"].prod(-1).sum())
+        assert image_token_count(item["input_ids"], processor) == patches // merge ** 2
+        assert item["pixel_values"].shape[0] == patches
+        assert int(item["mm_token_type_ids"].sum()) == patches // merge ** 2
+    assert [len(item["image_grid_thw"]) for item in items] == [1, 1, 1, 0]
+    assert items[3]["ground_truth"] == "red" and items[3]["images"] == []
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -356,12 +343,12 @@ def test_loader_resume_continues_the_same_order(toy_data_dir, processor):
         StatefulPromptLoader(dataset, 8, seed=2).load_state_dict(state)
 
 
-def test_loader_collates_and_val_loader_keeps_everything(toy_data_dir, processor):
+def test_val_loader_keeps_everything(toy_data_dir, processor):
     config = load_config([f"data.train_files={Path(toy_data_dir, 'train.jsonl')}", "worker.actor.model.model_path=/m",
                           "data.rollout_batch_size=16", "data.val_batch_size=5"])
     dataset = RLPromptDataset(str(Path(toy_data_dir, "val.jsonl")), processor, **OPTIONS)
-    val = build_loader(dataset, config.data, split="val", collate_fn=dataset.collate_fn)
-    sizes = [len(batch["row_id"]) for batch in val]
+    val = build_loader(dataset, config.data, split="val")
+    sizes = [len(batch) for batch in val]
     assert sizes == [5, 3]  # in order, nothing dropped
     with pytest.raises(DataError, match="rollout_batch_size"):
         build_loader(dataset, config.data, split="train")  # 8 prompts cannot fill a batch of 16

@@ -36,7 +36,7 @@ class KnownReward:
 
 def search(optimum, offset=0.0, **settings):
     base = dict(tokens=2, steps=30, lr=0.05, sigma=0.3, sigma_decay=1.0, pairs=8, inject=False)
-    return LatentSearch(DmlrSettings(**{**base, **settings}), KnownReward(optimum, offset=offset),
+    return LatentSearch(DmlrSettings.from_eval(**{**base, **settings}), KnownReward(optimum, offset=offset),
                         torch.Generator().manual_seed(0))
 
 
@@ -62,8 +62,8 @@ def test_search_returns_the_best_evaluated_candidate():
 
 def test_injection_keeps_patches_only_when_they_score_better():
     optimum = torch.zeros(1, 4)
-    good = LatentSearch(DmlrSettings(tokens=1, steps=1, inject=True, initial_patches=0, patch_increment=1, pairs=1),
-                        KnownReward(optimum, bonus=(1.0, -5.0, 2.0)), torch.Generator().manual_seed(0))
+    settings = DmlrSettings.from_eval(tokens=1, steps=1, inject=True, initial_patches=0, patch_increment=1, pairs=1)
+    good = LatentSearch(settings, KnownReward(optimum, bonus=(1.0, -5.0, 2.0)), torch.Generator().manual_seed(0))
     assert good.inject_step(optimum, ((),), step=1) == ((0,),)  # +1: kept
     assert good.inject_step(optimum, ((0,),), step=2) == ((0,),)  # patch 1 scores -5: reverted
     assert good.best.patches == ((0,),) and good.best.reward == pytest.approx(1.0)
@@ -90,7 +90,7 @@ def test_dmlr_final_decode_continues_from_the_returned_latents(tiny_engine):
     tokens, n = engine.tokens, 3
     params = SamplingParams(strategy="monet", temperature=0, max_new_tokens=10, latent_size=n,
                             logit_bias={tokens.start: 3.0})
-    out = run_dmlr(engine, prompt, DmlrSettings(tokens=n, steps=3, inject=False), params, seed=0)
+    out = run_dmlr(engine, prompt, DmlrSettings.from_eval(tokens=n, steps=3, inject=False), params, seed=0)
     sample = out["sample"]
     block = [tokens.start] + [tokens.pad] * n + [tokens.end]
     ids = torch.cat([prompt.input_ids, torch.tensor(block), sample.response_ids])[None]

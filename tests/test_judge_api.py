@@ -17,11 +17,13 @@ import pytest
 
 from rewards import RewardInput, RewardManager
 from rewards.config import JudgeConfig, RewardConfig
+from rewards.ireasoner import judge_answers
 from rewards.judges import ApiJudge, JudgeCredentialsError, JudgeRequest, check_judge_credentials, parse_verdict, redact
 from rewards.judges.local_server import LocalJudgeServer
 from rewards.judges.verdict_prompts import clean_question, user_prompt
 from rewards.judges.ratelimit import RateLimiter
 from rewards.judges.retry import backoff_delay
+from rewards.vlpo import judge_responses
 
 KEYS = {"OPENAI_API_KEY": "sk-test-openai-SECRET-1111", "GOOGLE_API_KEY": "g-test-google-SECRET-2222",
         "DEEPSEEK_API_KEY": "ds-test-deepseek-SECRET-3333"}
@@ -295,3 +297,21 @@ def test_cli_malformed_input_names_file_and_line(content, line, message, tmp_pat
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == f"error: {src}:{line}: {message}"
     assert not dst.exists()
+
+
+class BrokenJudge(ApiJudge):
+    """A judge whose whole call fails (a custom judge, or a bug in one): every reward must read it as no verdict."""
+
+    def judge(self, requests):
+        raise ConnectionError("judge down")
+
+
+def test_rules_then_judge_is_shared_and_a_failing_judge_is_no_verdict(provider):
+    name, _var, _server, base = provider
+    working, broken = ApiJudge(config(name, base)), BrokenJudge(config(name, base))
+    questions, truths = ["What color is the car?"] * 3, ["red"] * 3
+    assert judge_answers(questions, ["red", "dark red", "blue"], truths, working) == [1, 1, 0]
+    assert judge_answers(questions, ["red", "dark red", "blue"], truths, broken) == [1, 0, 0]  # the rules stand
+    judged = judge_responses([(q, rf"\boxed{{{p}}}", t) for q, p, t in zip(questions, ["red", "dark red"], truths)],
+                             broken)
+    assert [(j.asked, j.api_verdict, j.verdict) for j in judged] == [(False, None, 1), (True, None, 0)]

@@ -85,7 +85,7 @@ def test_chunk_concat_identity_and_uneven_chunk_refused():
     parts = batch.chunk(3)
     assert [len(part) for part in parts] == [2, 2, 2]
     assert same(Batch.concat(parts), batch)
-    with pytest.raises(ValueError, match="pad_to_divisor"):
+    with pytest.raises(ValueError, match="into 4 equal parts"):
         batch.chunk(4)
 
 
@@ -114,17 +114,6 @@ def test_reorder_round_trip():
     assert same(shuffled.reorder(torch.argsort(order)), batch)
     with pytest.raises(ValueError, match="permutation"):
         batch.reorder([0, 0, 1, 2, 3, 4])
-
-
-def test_pad_to_divisor_and_unpad():
-    batch = make(5)
-    padded, pad_count = batch.pad_to_divisor(4)
-    assert len(padded) == 8 and pad_count == 3
-    assert rows(padded)[5:] == ["u0", "u1", "u2"]  # padding repeats real samples, valid for the model
-    assert all(len(part) == 2 for part in padded.chunk(4))
-    assert same(padded.unpad(pad_count), batch)
-    same_batch, zero = batch.pad_to_divisor(5)
-    assert zero == 0 and same_batch is batch
 
 
 def test_dict_round_trip():

@@ -6,9 +6,8 @@ import torch
 
 from rewards import RewardInput
 from rewards.embedders import TokenEmbeddingEmbedder, load_token_embedder
-from rewards.ireasoner import ireasoner_solver_reward
-from rewards.ireasoner_parse import FALLBACK_QUESTION, normalize_answer, parse_answer, parse_question, parse_think, \
-    word_count
+from rewards.ireasoner import ireasoner_solver_reward, solver_answer
+from rewards.ireasoner_parse import FALLBACK_QUESTION, parse_answer, parse_question, parse_think, word_count
 from rewards.proposer import proposer_reward
 from rewards.self_consistency import answer_stats, length_factor, soft_rewards
 from rewards.step_agreement import position_weight, split_steps, step_agreement_rewards, step_weight
@@ -47,8 +46,9 @@ def test_parsing_and_normalisation():
     assert parse_question("  ") == FALLBACK_QUESTION
     assert parse_answer("<think>x</think><answer> Red </answer>") == "Red"
     assert parse_answer("blah\nfinal: 7\n\n") == "final: 7" and parse_answer("") == "unknown"
-    assert normalize_answer("  The Red,\tCar!! ") == "the red car"
-    assert normalize_answer("1,000.") == "1000"
+    assert solver_answer("<answer>  The Red,\tCar!! </answer>") == "the red car"
+    assert solver_answer("so\n<latent×4> 1,000.") == "1000"
+    assert solver_answer("<answer>-5%</answer>") == "5"  # the vote strips every mark at the ends, as released
     assert parse_think("<think> a </think><answer>b</answer>") == "a"
     assert parse_think("reasoning <answer>b</answer>") == "reasoning"
     assert word_count("one two three <ANSWER>x</ANSWER>") == 3

@@ -24,6 +24,7 @@ from rewards.vlpo import vlpo_reward
     (r"<latent×10> then \boxed{4}", "4", 1.0),
     (r"\boxed{blue}", "red", 0.0),
     (r"\boxed{2}", "20", 0.0),
+    (r"\boxed{-5}", "5", 0.0),  # the grader's normalisation keeps a sign
     ("I think 3", "3", 0.0),  # no box, no "is": nothing to grade
     ("", "3", 0.0),
 ])
@@ -39,6 +40,7 @@ def test_answer_extraction_and_format():
     assert boxed_format_reward(r"<latent×4> \boxed {3}") == 1.0
     assert boxed_format_reward("answer: 3") == 0.0
     assert boxed_format_reward(r"\boxed{3") == 0.0
+    assert boxed_format_reward(r"\boxed{a{b}") == 0.0  # unbalanced: the grader could not read it either
 
 
 def test_judge_prediction_is_the_answer_or_the_whole_response_without_latents():

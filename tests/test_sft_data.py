@@ -18,7 +18,7 @@ K = 3
 
 
 def config_for(stage, model_dir, files, **extra):
-    values = {"sft.stage": stage, "sft.train_files": files, "sft.latent_size": K, "sft.observation_weight": 3.0,
+    values = {"sft.stage": stage, "data.train_files": files, "sft.latent_size": K, "sft.observation_weight": 3.0,
               "sft.freeze_vision_tower": True, "trainer.n_gpus_per_node": 1, **extra}
     return sft_run_config(load_config([f"config={REPO}/examples/config/sft_tiny_cpu.yaml",
                                        f"worker.actor.model.model_path={model_dir}"]
@@ -93,6 +93,8 @@ def test_bad_rows_are_skipped_and_counted(tiny_model_dir, sft_data_dir, tmp_path
     (["sft.stage=mirage1", "sft.freeze_vision_tower=false"], "sft.stage, sft.freeze_vision_tower"),
     (["sft.stage=monet4"], "sft.stage: 'monet4' is not one of"),
     (["sft.lr=-1"], "sft.lr"),
+    (["sft.train_files=rows.json"], "sft.train_files: unknown key .*did you mean data.train_files"),  # removed keys
+    (["sft.experiment_name=x"], "sft.experiment_name: unknown key .*did you mean trainer.experiment_name"),
 ])
 def test_sft_config_mistakes_name_the_key(args, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):

@@ -13,7 +13,7 @@ from RL.data.sft_dataset import collate_sft, sft_dataset
 from RL.train_sft import sft_run_config
 from monet_models import load_processor
 from monet_models.transformers import load_latent_model
-from tools.bench_sft import exact_latent_forward, visibility_mask
+from monet_models.transformers.exact_recurrence import exact_latent_forward, visibility_mask
 from workers.actor.policy import Policy
 from workers.actor.sft_losses import SFT_LOSSES
 from workers.actor.sharded_model import ShardedModel
@@ -39,7 +39,7 @@ def process_group():
 
 
 def stage_setup(stage, model_dir, data_dir, **sft):
-    values = {"sft.stage": stage, "sft.train_files": f"{data_dir}/{FILES[stage]}", "sft.latent_size": K,
+    values = {"sft.stage": stage, "data.train_files": f"{data_dir}/{FILES[stage]}", "sft.latent_size": K,
               "sft.observation_weight": 3.0, "sft.ce_weight": 0.5, "sft.align_weight": 2.0, "sft.micro_batch_size": 4,
               "sft.freeze_vision_tower": True, **sft}
     config = sft_run_config(load_config(["config=examples/config/sft_tiny_cpu.yaml", f"worker.actor.model.model_path="

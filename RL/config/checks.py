@@ -290,8 +290,6 @@ def _check_self_evolution(cfg: RootConfig) -> Iterator[str]:
 
 def _check_sft(cfg: RootConfig) -> Iterator[str]:
     sft = cfg.sft
-    if _files_list(sft.train_files) is None:
-        yield f"sft.train_files: expected a path or a list of paths, got {sft.train_files!r}"
     for key in ("epochs", "batch_size", "micro_batch_size", "max_length"):
         if getattr(sft, key) < 1:
             yield f"sft.{key}: must be >= 1, got {getattr(sft, key)}"
@@ -313,8 +311,6 @@ def _check_sft(cfg: RootConfig) -> Iterator[str]:
     if layers not in ("all", "last") and not (isinstance(layers, (list, tuple)) and layers and
                                               all(isinstance(x, int) and x >= 1 for x in layers)):
         yield f"sft.align_layers: all, last or a list of decoder layers >= 1, got {layers!r}"
-    if sft.experiment_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", sft.experiment_name):
-        yield f"sft.experiment_name: {sft.experiment_name!r} must be a folder name (letters, digits, . _ + = -)"
     if sft.stage == "mirage1" and not _frozen_tower(cfg):
         yield ("sft.stage, sft.freeze_vision_tower: mirage1's targets are the helper image through the vision tower, "
                "which must stay frozen; set sft.freeze_vision_tower=true")

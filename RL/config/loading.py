@@ -14,6 +14,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from monet_models.run_settings import LATENT_CONFIG, RunSettingsError, config_defaults
 from RL.config.checks import get_dotted, problems
 from RL.config.schema import REPO_ROOT, ConfigError, RootConfig
+from rewards.interface import resolve_function_spec
 from common.secrets import redact as redact_secrets  # the one home of the secret rules
 
 MODEL_PATH_KEY = "worker.actor.model.model_path"
@@ -244,7 +245,6 @@ def _absolutize_paths(cfg: RootConfig) -> None:
     data = cfg.data
     data.train_files = _abs_files(data.train_files)
     data.val_files = _abs_files(data.val_files)
-    cfg.sft.train_files = _abs_files(cfg.sft.train_files)
     data.image_dir = _abs(data.image_dir) if data.image_dir else ""
     data.format_prompt = _abs(data.format_prompt, repo_fallback=True) if data.format_prompt else ""
     for key in ("proposer_prompt", "solver_prompt"):
@@ -253,10 +253,7 @@ def _absolutize_paths(cfg: RootConfig) -> None:
     model.model_path = _abs_if_local(model.model_path)
     cfg.trainer.save_dir = _abs(cfg.trainer.save_dir)
     cfg.sft.output_dir = _abs(cfg.sft.output_dir) if cfg.sft.output_dir else ""
-    reward = cfg.worker.reward
-    path, sep, function = reward.reward_function.rpartition(":")
-    if sep and path.endswith(".py"):
-        reward.reward_function = f"{_abs(path, repo_fallback=True)}:{function}"
+    cfg.worker.reward.reward_function = resolve_function_spec(cfg.worker.reward.reward_function)
 
 
 def _abs(path: str, repo_fallback: bool = False) -> str:

@@ -226,16 +226,15 @@ class TrainerConfig:
 class SFTConfig:
     """Latent SFT on the policy workers: `python -m RL.train_sft stage=...` / `bash examples/sft_train.sh` (docs/sft.md).
 
-    Model, FSDP, LoRA and optimizer settings are `worker.actor.*`; the keys here that repeat one of them (lr, ...)
+    Rows are `data.train_files` (Monet SFT json, Mirage jsonl or RL rows with `response`), read with the other data.*
+    keys. Model, FSDP, LoRA and optimizer settings are `worker.actor.*`; the keys here that repeat one of them (lr, ...)
     override it for the SFT run only (None keeps the actor's), so one YAML serves a warm start and the RL run after it.
-    The run lives in `<trainer.save_dir>/<sft.experiment_name>` (see that key) and uses trainer.save_freq,
-    save_limit, resume, logger, nnodes and n_gpus_per_node; re-running the command resumes it.
+    For the same reason the run's folder is its own: `<sft.output_dir>-run` beside `sft.output_dir` when that is set,
+    else `<trainer.save_dir>/<trainer.experiment_name>-sft-<stage>`. It uses trainer.save_freq, save_limit, resume,
+    logger, nnodes and n_gpus_per_node; re-running the command resumes it.
     """
 
     stage: str = "mirage2"  # monet1 | monet2 | monet3 | mirage1 | mirage2 (docs/sft.md)
-    # the run's name; "" = <output_dir>-run beside sft.output_dir if set, else <trainer.experiment_name>-sft-<stage>
-    experiment_name: str = ""
-    train_files: Any = ""  # "" = data.train_files; Monet SFT json, Mirage jsonl or RL rows (with `response`)
     output_dir: str = ""  # the final model as a Hugging Face folder; "" = <run dir>/model
     steps: Optional[int] = None  # optimizer steps; None = epochs x (rows // batch_size)
     epochs: int = 1

@@ -17,6 +17,7 @@ from PIL import Image
 
 from RL.data.errors import DataError
 from RL.data.images import CorruptImageError, MissingImageError, decode_image, fit_pixels
+from common.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ImagePool:
                                if include_subfolders else ""))
         self.files = files
         self.order = list(range(len(files)))
-        random.Random(seed).shuffle(self.order)
+        random.Random(derive_seed(seed, "image_pool")).shuffle(self.order)
         self.corrupt: set[str] = set()
 
     def _folders(self, include_subfolders: Union[str, list[str], None]) -> list[Path]:

@@ -2,30 +2,31 @@
 the epoch is part of the checkpoint, so a resumed run continues with exactly the batches it would have seen."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from RL.data.errors import DataError
+from common.seeding import derive_seed
 
 
 def item_list(items: list) -> list:
-    """The default "collate": the dataset items themselves (the rollout engines pad per request)."""
+    """The "collate": the dataset items themselves (the rollout engines and the SFT workers pad per request)."""
     return list(items)
 
 
 class StatefulPromptLoader:
     """Batches of `batch_size` prompts (-1 = the whole dataset) in a seeded order per epoch.
 
-    A batch is a list of dataset items by default; pass `collate_fn=dataset.collate_fn` for left-padded tensors.
+    A batch is a list of dataset items.
 
     `state_dict()` counts batches handed out, not batches prefetched by worker processes, so it is exact.
     Iterating yields the rest of the current epoch; `next_batch()` crosses epochs for callers that pull on demand.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, collate_fn: Optional[Callable] = None, *,
-                 shuffle: bool = True, seed: int = 1, drop_last: bool = True, num_workers: int = 0):
+    def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 1,
+                 drop_last: bool = True, num_workers: int = 0):
         self.dataset = dataset
         self.batch_size = len(dataset) if batch_size == -1 else batch_size
         if self.batch_size < 1:
@@ -33,7 +34,6 @@ class StatefulPromptLoader:
         if drop_last and len(dataset) < self.batch_size:
             raise DataError(f"{len(dataset)} prompts cannot fill one batch of {self.batch_size}; "
                             "lower data.rollout_batch_size or add data")
-        self.collate_fn = collate_fn or item_list
         self.shuffle, self.seed, self.drop_last, self.num_workers = shuffle, seed, drop_last, num_workers
         self.epoch, self.position = 0, 0
         self._stream: Optional[Iterator] = None
@@ -47,7 +47,7 @@ class StatefulPromptLoader:
         """Dataset indices of `epoch`, the same for every run with this seed."""
         if not self.shuffle:
             return np.arange(len(self.dataset))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return np.random.default_rng(derive_seed(self.seed, "data_order", epoch)).permutation(len(self.dataset))
 
     def _batches(self, epoch: int) -> list[list[int]]:
         order = self.order(epoch).tolist()
@@ -57,7 +57,7 @@ class StatefulPromptLoader:
         """The remaining batches of the current epoch; afterwards the loader stands at the next epoch."""
         remaining = self._batches(self.epoch)[self.position:]
         if remaining:
-            loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn,
+            loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=item_list,
                                 num_workers=self.num_workers)
             for batch in loader:
                 self.position += 1
@@ -89,12 +89,12 @@ class StatefulPromptLoader:
         self._stream = None
 
 
-def build_loader(dataset: Dataset, data_config, split: str = "train", batch_size: Optional[int] = None,
-                 collate_fn: Optional[Callable] = None) -> StatefulPromptLoader:
+def build_loader(dataset: Dataset, data_config, split: str = "train",
+                 batch_size: Optional[int] = None) -> StatefulPromptLoader:
     """The train loader (rollout_batch_size, shuffled, full batches) or the val loader (val_batch_size, in order,
     nothing dropped) of the `data` config section; `batch_size` overrides (e.g. data.online_accum_size)."""
     train = split == "train"
     size = batch_size or (data_config.rollout_batch_size if train else data_config.val_batch_size)
-    return StatefulPromptLoader(dataset, size, collate_fn, shuffle=train and data_config.shuffle,
+    return StatefulPromptLoader(dataset, size, shuffle=train and data_config.shuffle,
                                 seed=data_config.seed, drop_last=train,
                                 num_workers=data_config.dataloader_num_workers)

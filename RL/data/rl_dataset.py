@@ -23,7 +23,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from RL.data.collate import PromptCollator
 from RL.data.columns import check_columns
 from RL.data.errors import DataError, RowSkipped, skip_summary
 from RL.data.fields import DETAIL_CHARS, shorten
@@ -78,7 +77,7 @@ class DatasetOptions:
 
 
 class RLPromptDataset(Dataset):
-    """Prompts for rollouts. Items are unpadded; `collate_fn` left-pads them into a batch.
+    """Prompts for rollouts. Items are unpadded; the rollout engines pad them per request.
 
         RLPromptDataset(cfg.data.train_files, processor, cfg.data)            # from the config section
         RLPromptDataset("train.jsonl", processor, max_prompt_length=512)      # or keyword options
@@ -230,10 +229,6 @@ class RLPromptDataset(Dataset):
     @property
     def prompt_lengths(self) -> list[int]:
         return [kept.prompt_length for kept in self._kept]
-
-    @property
-    def collate_fn(self) -> PromptCollator:
-        return PromptCollator(self.processor.tokenizer.pad_token_id)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         kept = self._kept[index]

@@ -16,6 +16,7 @@ import sys
 from RL.config import ConfigError, load_config
 from RL.evaluate import EvaluationError
 from RL.evaluate.memory import check_memory_credentials
+from RL.evaluate.stats import markdown
 from common.cli import UsageError, log_errors_to, run_cli
 from rewards.judges import JudgeCredentialsError, check_judge_credentials
 from common.model_folder import check_model_folder
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     check_judge_credentials(config.worker.rule_based_judge)
     check_memory_credentials(config.eval)
     check_model_folder(config.worker.actor.model.model_path, "worker.actor.model.model_path")
-    from RL.evaluate.runner import evaluate, output_folder
-    from RL.evaluate.stats import markdown
+    from RL.evaluate.runner import evaluate, output_folder  # torch, transformers and Ray: only after the checks
 
     log_errors_to(output_folder(config))
     summary = evaluate(config)

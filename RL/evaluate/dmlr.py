@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from RL.config.schema import EvalConfig
 from workers.rollout.base import PromptInput, SamplingParams
 
 Patches = tuple[tuple[int, ...], ...]  # per thought: indices into the item's image positions
@@ -37,28 +38,31 @@ Patches = tuple[tuple[int, ...], ...]  # per thought: indices into the item's im
 
 @dataclass(frozen=True)
 class DmlrSettings:
-    """`eval.dmlr_*` (see RL/config/schema.py:EvalConfig for each key's meaning)."""
+    """`eval.dmlr_*` without the prefix. No defaults here: they are written once, in RL/config/schema.py:EvalConfig,
+    which also says what each key means."""
 
-    tokens: int = 4
-    steps: int = 15
-    lr: float = 1.0e-3
-    sigma: float = 0.1
-    sigma_decay: float = 0.95
-    pairs: int = 1
-    top_k: int = 10
-    init: str = "model"
-    inject: bool = True
-    initial_patches: int = 2
-    patch_increment: int = 2
-    max_patches: int = 16
-    inject_start: int = 0
-    inject_interval: int = 1
-    inject_in_decode: bool = True
-    reward_threshold: float = 0.0
+    tokens: int
+    steps: int
+    lr: float
+    sigma: float
+    sigma_decay: float
+    pairs: int
+    top_k: int
+    init: str
+    inject: bool
+    initial_patches: int
+    patch_increment: int
+    max_patches: int
+    inject_start: int
+    inject_interval: int
+    inject_in_decode: bool
+    reward_threshold: float
 
     @classmethod
-    def from_eval(cls, ev) -> "DmlrSettings":
-        return cls(**{item.name: getattr(ev, f"dmlr_{item.name}") for item in dataclasses.fields(cls)})
+    def from_eval(cls, ev: EvalConfig | None = None, **changes) -> "DmlrSettings":
+        """The `eval.dmlr_*` values of `ev` (the schema's defaults when None), with `changes` (unprefixed) over them."""
+        ev = ev or EvalConfig()
+        return cls(**{**{item.name: getattr(ev, f"dmlr_{item.name}") for item in dataclasses.fields(cls)}, **changes})
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from RL.data.format_prompt import IMAGE_MARKER
 from rewards.answer import extract_answer
+from rewards.judges import ApiJudge
 from rewards.vlpo import judge_responses
 
 
@@ -16,8 +17,6 @@ def build_judge(config, folder):
     judge_config = config.worker.rule_based_judge
     if not judge_config.api_name:
         return None
-    from rewards.judges import ApiJudge
-
     return ApiJudge(judge_config, repetition=False, run_dir=str(folder))
 
 

@@ -13,6 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from common.secrets import mask_text
+from rewards.judges import JudgeCredentialsError, provider_spec
+from rewards.judges.providers import make_provider
+from rewards.judges.retry import backoff_delay, is_retryable, retry_after_seconds
+
 logger = logging.getLogger(__name__)
 
 MEMORY_TYPES = ("correction", "insight", "fact")
@@ -112,8 +117,6 @@ class ApiMemoryWriter:
     timeout, retries, backoff, concurrency and request settings apply. A failed request adds no memory."""
 
     def __init__(self, model: str, base_url: str, judge_config):
-        from rewards.judges.providers import make_provider
-
         self.config = judge_config
         self.provider = make_provider(model, base_url, judge_config.timeout_s, judge_config.api_kwargs)
 
@@ -122,9 +125,6 @@ class ApiMemoryWriter:
             return list(pool.map(self._complete, requests))
 
     def _complete(self, user: str) -> str:
-        from rewards.judges.retry import backoff_delay, is_retryable, retry_after_seconds
-        from common.secrets import mask_text
-
         for attempt in range(int(self.config.max_retries) + 1):
             try:
                 return self.provider.complete(MEMORY_SYSTEM, user) or ""
@@ -138,8 +138,6 @@ class ApiMemoryWriter:
 
 def check_memory_credentials(eval_config) -> None:
     """Refuse `eval.rmm_memory_model=api:NAME` when NAME's key variable is unset, before anything loads."""
-    from rewards.judges import JudgeCredentialsError, provider_spec
-
     spec = eval_config.rmm_memory_model
     if eval_config.method != "rmm" or not spec.startswith("api:"):
         return

@@ -17,7 +17,7 @@ import torch
 from RL.evaluate import EvaluationError
 from RL.evaluate.dmlr import DmlrSettings
 from RL.evaluate.item_prompts import item_prompt
-from RL.evaluate.runner import Evaluation, shards
+from RL.evaluate.evaluation import Evaluation, shards
 from common.seeding import derive_seed
 
 OVERRIDES = {"zero": {"latent_override": "zero"}, "noise": {"latent_override": "noise"},

@@ -16,7 +16,7 @@ from RL.evaluate.judging import judge_rows
 from RL.evaluate.memory import (MemoryBuffer, ApiMemoryWriter, critic_text, memory_request, parse_critic,
                                 parse_entries, with_memory)
 from RL.evaluate.item_prompts import encode, item_prompt, item_question
-from RL.evaluate.runner import Evaluation
+from RL.evaluate.evaluation import Evaluation
 from rewards.answer import normalize_text
 from common.seeding import derive_seed
 

@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from rewards.answer import last_boxed
+
 _FAULT_RE = re.compile(r"\[fault:([a-z0-9]+)\]")
 _SECTION_RE = re.compile(r"\[Reference answer\]\n(.*?)\n\n\[Prediction\]\n(.*)\n\[End of prediction\]", re.DOTALL)
 _GEMINI_PATH_RE = re.compile(r"^/v1beta/models/([^/:]+):generateContent$")
@@ -36,8 +38,8 @@ def judge_text(user: str, repetition: bool) -> str:
     if not match:
         return "I cannot tell."
     reference, prediction = match.group(1), match.group(2)
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", prediction)
-    answer = boxed[-1] if boxed else prediction
+    boxed = last_boxed(prediction)
+    answer = prediction if boxed is None else boxed
     correct = bool(_words(reference)) and _words(reference) <= _words(answer)
     if not repetition:
         return "yes" if correct else "no"

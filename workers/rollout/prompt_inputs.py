@@ -5,8 +5,6 @@ walking the images in order and matching each prompt's count of `<|image_pad|>` 
 """
 from __future__ import annotations
 
-import torch
-
 from workers.rollout.base import PromptInput
 
 
@@ -29,11 +27,3 @@ def prompt_inputs_from_batch(input_ids, attention_mask, image_token_id: int, pix
         else:
             prompts.append(PromptInput(ids))
     return prompts
-
-
-def stack_prompts(prompts: list[PromptInput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(pixel_values, image_grid_thw) of all prompts with images, in prompt order (for re-scoring forwards)."""
-    with_images = [p for p in prompts if p.has_images]
-    if not with_images:
-        return None, None
-    return torch.cat([p.pixel_values for p in with_images]), torch.cat([p.image_grid_thw for p in with_images])

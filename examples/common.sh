@@ -68,9 +68,9 @@ build_once() {
 # the proposer/solver warm-start rows), rebuilt when missing or made by another version of their generator.
 toy_prompts=(examples/format_prompt/toy_proposer.jinja examples/format_prompt/toy_solver.jinja)
 ensure_toy_inputs() {
-  build_once "$EMBEDDED/tiny_model/BUILD_OK" "$(content_hash tools/make_tiny_model.py tools/toy_task.py)" \
+  build_once "$EMBEDDED/tiny_model/BUILD_OK" "$(content_hash monet_models/tiny_model.py RL/toy_task.py)" \
     "$PYTHON" -m tools.make_tiny_model --out "$EMBEDDED/tiny_model"
-  build_once "$TOY/TOY_OK" "$(content_hash tools/toy_task.py "${toy_prompts[@]}")" \
+  build_once "$TOY/TOY_OK" "$(content_hash RL/toy_task.py "${toy_prompts[@]}")" \
     "$PYTHON" -m tools.toy_task --out "$TOY" --sft --selfplay-prompts "${toy_prompts[@]}"
 }
 

@@ -9,8 +9,9 @@
 #   bash examples/sft_train.sh stage=mirage1|mirage2 worker.actor.model.model_path=... data.train_files=rows.jsonl
 #
 # `stage=S` reads examples/config/sft_S.yaml (the released recipe of stage S) and sets sft.stage; dotted overrides
-# win. The run is <trainer.save_dir>/<sft.experiment_name>; re-running the command resumes it. Its model ends in
-# sft.output_dir (default <run>/model): a Hugging Face folder for the next stage, for VLPO and for vLLM.
+# win. The run is <sft.output_dir>-run, else <trainer.save_dir>/<trainer.experiment_name>-sft-<stage>; re-running
+# the command resumes it. Its model ends in sft.output_dir (default <run>/model): a Hugging Face folder for the next
+# stage, for VLPO and for vLLM.
 # Multi-node: start Ray, then RAY_ADDRESS=HEAD_IP:6379 ... trainer.nnodes=N trainer.n_gpus_per_node=G (as VLPO).
 #
 # With no model given and no GPU it runs on the tiny offline model and the toy task (examples/config/sft_tiny_cpu.yaml):

@@ -11,6 +11,8 @@ for key, value in {
 import pytest
 import torch
 
+from RL.toy_task import corpus_lines, make_toy_dataset
+
 torch.set_num_threads(1)
 
 
@@ -32,25 +34,26 @@ def ray_session():
         ray.shutdown()
 
 
+def build_toy_model(folder):
+    """The tiny Qwen2.5-VL with its tokenizer trained on the toy task's text (as `tools.make_tiny_model` builds it)."""
+    from monet_models.tiny_model import build_tiny_model  # transformers: loaded only by the tests that need a model
+
+    return build_tiny_model(folder, corpus_lines(), seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from tools.make_tiny_model import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0))
+    return str(build_toy_model(tmp_path_factory.mktemp("tiny_model")))
 
 
 @pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory):
-    from tools.toy_task import make_toy_dataset
-
     return str(make_toy_dataset(tmp_path_factory.mktemp("toy_data"), n_train=32, n_val=8, seed=0))
 
 
 @pytest.fixture(scope="session")
 def sft_data_dir(tmp_path_factory):
     """The toy task with its latent-SFT rows (Monet chains with a zoomed image, Mirage rows with a helper image)."""
-    from tools.toy_task import make_toy_dataset
-
     return str(make_toy_dataset(tmp_path_factory.mktemp("sft_data"), n_train=16, n_val=4, seed=0, sft=True))
 
 
@@ -61,10 +64,9 @@ def vlpo_sft_model(tmp_path_factory, toy_data_dir):
     from RL.config import load_config
     from RL.train_sft import run_sft
     from tests.test_vlpo_ray import overrides
-    from tools.make_tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("vlpo")
-    base = build_tiny_model(root / "tiny", seed=0)
+    base = build_toy_model(root / "tiny")
     config = load_config(overrides(root, toy_data_dir, base, "sft") + [
         "sft.steps=25", "sft.batch_size=8", "sft.lr=3e-3", f"sft.output_dir={root / 'sft'}"])
     return str(run_sft(config)), toy_data_dir, root
@@ -76,14 +78,12 @@ def selfplay_model(tmp_path_factory):
     from RL.config import load_config
     from RL.train_sft import run_sft
     from tests.test_self_evolution import CONFIG, REPO
-    from tools.make_tiny_model import build_tiny_model
-    from tools.toy_task import make_toy_dataset
 
     root = tmp_path_factory.mktemp("selfplay")
     prompts = (str(REPO / "examples/format_prompt/toy_proposer.jinja"),
                str(REPO / "examples/format_prompt/toy_solver.jinja"))
     data = make_toy_dataset(root / "toy", n_train=32, n_val=8, seed=0, selfplay_prompts=prompts)
-    base = build_tiny_model(root / "tiny", seed=0)
+    base = build_toy_model(root / "tiny")
     config = load_config([f"config={CONFIG}", f"worker.actor.model.model_path={base}",
                           f"data.train_files={data}/selfplay_sft.jsonl", "data.image_dir=", "worker.rollout.latent_size=3",
                           "sft.steps=30", "sft.batch_size=8", "sft.lr=3e-3", f"sft.output_dir={root / 'sft'}",

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, read_metrics
-from tools.toy_task import make_toy_dataset
+from RL.toy_task import make_toy_dataset
 
 SCRIPTS = ["vlpo_train.sh", "ireasoner_train.sh", "sft_train.sh", "eval.sh", "merge_model.sh"]
 

@@ -35,6 +35,7 @@ def read(folder, name):
     return [json.loads(line) for line in open(Path(folder) / f"{name}.jsonl")]
 
 
+# The tests on `cluster` are slow: they evaluate on a Ray cluster a model made by a latent SFT on Ray.
 @pytest.fixture(scope="module")
 def cluster(vlpo_sft_model):
     """One Ray cluster and one pair of evaluation workers for the module (the model and engine settings match)."""
@@ -46,6 +47,7 @@ def cluster(vlpo_sft_model):
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_accuracy_equals_a_direct_computation(cluster):
     """Eight labelled toy items over two workers in batches of four: the harness's numbers equal the engine run
     in-process on the same items and graded by hand with the rule grader."""
@@ -84,6 +86,7 @@ def test_accuracy_equals_a_direct_computation(cluster):
     assert results["correct"] == sum(correct) and [e["is_correct"] for e in results["entries"]] == correct
 
 
+@pytest.mark.slow
 def test_a_resumed_evaluation_equals_an_uninterrupted_one(cluster):
     group, model, data, save_dir = cluster
     config = eval_config(model, f"{data}/val.jsonl", save_dir, "resume", **{"eval.ablate": "noise"})
@@ -104,6 +107,7 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(cluster):
         evaluate(eval_config(model, f"{data}/val.jsonl", save_dir, "resume", **{"eval.max_new_tokens": 12}), group)
 
 
+@pytest.mark.slow
 def test_ablations_are_reported_against_direct(cluster):
     group, model, data, save_dir = cluster
     config = eval_config(model, f"{data}/val.jsonl", save_dir, "ablations",
@@ -127,6 +131,7 @@ def test_ablations_are_reported_against_direct(cluster):
     assert "ablate_shuffle" in (folder / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_dmlr_pass(cluster):
     group, model, data, save_dir = cluster
     config = eval_config(model, f"{data}/val.jsonl", save_dir, "dmlr",
@@ -144,6 +149,7 @@ def test_dmlr_pass(cluster):
     assert entries[0]["best_reward"] == rows[0]["best_reward"]
 
 
+@pytest.mark.slow
 def test_rmm_loop_never_shows_the_gold_answer(cluster, tmp_path):
     from rewards.judges.local_server import LocalJudgeServer
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import coloured_image
 from tests.test_entry_points import HEAVY, assert_user_error, run
 
@@ -15,6 +17,7 @@ def generate(*args: str):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow  # its model is a latent SFT on Ray (vlpo_sft_model)
 def test_generate_prints_latent_blocks_on_the_native_engine(vlpo_sft_model, tmp_path):
     model, _, _ = vlpo_sft_model  # latent SFT with K = 3: its answers open a block first
     coloured_image((30, 60, 220)).save(tmp_path / "blue.png")

@@ -121,7 +121,7 @@ def test_generate_prompts_through_the_folders_template_and_pixel_range(tiny_mode
 # -------------------------------------------------------------------------------------------------------- merge
 def test_a_merged_checkpoint_carries_the_settings(tiny_model_dir, tmp_path):
     from tests.test_merge import perturbed_model, write_checkpoint
-    from tools.merge_model import merge_checkpoint
+    from RL.model_export import merge_checkpoint
 
     model, processor = perturbed_model(tiny_model_dir)
     step = write_checkpoint(tmp_path / "run" / "step_000002", model, processor)
@@ -236,7 +236,7 @@ def evaluate(model: str, data: str, save_dir: Path, name: str, *extra: str) -> t
 @pytest.mark.slow
 def test_a_merged_checkpoint_evaluates_without_its_training_config(vlpo_sft_model, tmp_path):
     from RL.checkpoint import complete_steps
-    from tools.merge_model import merge_checkpoint
+    from RL.model_export import merge_checkpoint
 
     model, data, root = vlpo_sft_model  # trained with vlpo_tiny_cpu.yaml, K = 3, 24 response tokens
     merged = merge_checkpoint(complete_steps(root / "sft-run")[-1][1], out_dir=tmp_path / "merged")

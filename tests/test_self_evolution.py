@@ -11,6 +11,7 @@ from tests.helpers import read_metrics, run_module, without_timing
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples/config/ireasoner_tiny_cpu.yaml"
+pytestmark = pytest.mark.slow  # every test here trains on a Ray cluster
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_merged_solver_and_adapter_folder_reproduce_the_trained_logits(selfplay)
 
     from monet_models.transformers import load_latent_model
     from tests.helpers import coloured_image, encode_prompts
-    from tools.merge_model import merge_checkpoint
+    from RL.model_export import merge_checkpoint
     from workers.actor.lora import apply_lora
 
     model_path = selfplay[0]
@@ -114,7 +115,7 @@ def test_merged_solver_and_adapter_folder_reproduce_the_trained_logits(selfplay)
 
 
 def ray_free_state(dcp_dir):
-    from tools.merge_model import load_dcp_state_dict
+    from RL.model_export import load_dcp_state_dict
 
     return load_dcp_state_dict(Path(dcp_dir))
 

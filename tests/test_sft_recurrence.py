@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from monet_models.transformers import load_latent_model
+from monet_models.transformers.exact_recurrence import exact_latent_forward
 from monet_models.transformers.latent_recurrence import count_rounds, recurrent_latent_forward
 from tests.helpers import coloured_image, encode_prompts
-from tools.bench_sft import exact_latent_forward
 
 K = 3
 TOL = 1e-4

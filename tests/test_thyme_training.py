@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.thyme_data import write_thyme_parquet
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a VLPO run on Ray
 def test_two_vlpo_steps_on_a_thyme_parquet(tmp_path, tiny_model_dir):
     thyme = write_thyme_parquet(tmp_path / "thyme.parquet", "base64", good=8)
     args = [f"config={REPO / 'examples/config/vlpo_tiny_cpu.yaml'}", f"worker.actor.model.model_path={tiny_model_dir}",

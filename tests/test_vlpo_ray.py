@@ -16,6 +16,7 @@ from tests.helpers import read_metrics, run_module, without_timing
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples/config/vlpo_tiny_cpu.yaml"
+pytestmark = pytest.mark.slow  # every test here trains on a Ray cluster
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_hybrid_sharding_trains_and_its_checkpoint_loads_unsharded(sft_model):
 def test_merged_model_logits_equal_the_trained_actor(sft_model):
     from monet_models.transformers import load_latent_model
     from tests.helpers import coloured_image, encode_prompts
-    from tools.merge_model import merge_checkpoint
+    from RL.model_export import merge_checkpoint
 
     model, data, root = sft_model
     trainer = build_trainer(load_config(overrides(root, data, model, "merge", **{

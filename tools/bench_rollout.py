@@ -18,18 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from common.checkpoint_layout import torch_dtype
+from monet_models.tiny_model import ModelShape, random_model
+from monet_models.transformers import load_latent_model
+from RL.toy_task import QUESTIONS, corpus_lines, draw_shape
+from workers.rollout import NativeRolloutEngine, SamplingParams, prompt_inputs_from_batch
+from workers.rollout.vllm_engine import VLLMRolloutEngine  # vLLM itself loads only when the engine starts
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", help="a Qwen2.5-VL folder; default: a random model of the sizes below")
-    add_model_shape_args(parser)
+    ModelShape.add_arguments(parser)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -47,50 +56,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def add_model_shape_args(parser) -> None:
-    """The sizes `random_model` reads (the benchmarks' shared model options)."""
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=None, help="logits width (default: the tiny tokenizer's)")
-
-
-def random_model(args, dtype):
-    """Tiny tokenizer/processor with a random text model of the requested size (vision stays tiny)."""
-    from monet_models.latent_tokens import LatentTokens
-    from monet_models.processor import load_processor
-    from monet_models.transformers import LatentQwen2_5_VLForConditionalGeneration
-    from tools.make_tiny_model import build_config, build_tiny_model
-
-    with tempfile.TemporaryDirectory(prefix="bench_rollout_") as folder:
-        processor = load_processor(str(build_tiny_model(folder, seed=args.seed)))
-    config = build_config(processor.tokenizer)
-    text = config.text_config
-    head_dim = args.hidden // args.heads
-    quarter = head_dim // 2 // 4
-    text.hidden_size, text.num_hidden_layers, text.intermediate_size = args.hidden, args.layers, args.intermediate
-    text.num_attention_heads, text.num_key_value_heads = args.heads, args.kv_heads
-    text.head_dim = head_dim
-    text.layer_types = ["full_attention"] * args.layers
-    text.rope_parameters["mrope_section"] = [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]
-    text.vocab_size = args.vocab or text.vocab_size
-    config.vision_config.out_hidden_size = args.hidden
-    torch.manual_seed(args.seed)
-    with torch.device(args.device):
-        model = LatentQwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    model.set_latent_tokens(LatentTokens.from_tokenizer(processor.tokenizer))
-    return model.eval(), processor
-
-
 def stock_view(model):
     """The stock transformers class over the same modules (the latent subclass's forward hides its kwargs from
     `generate`'s validation); built on the meta device, so no weights are copied."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     with torch.device("meta"):
         stock = Qwen2_5_VLForConditionalGeneration(model.config)
     stock.model, stock.lm_head = model.model, model.lm_head
@@ -99,9 +67,6 @@ def stock_view(model):
 
 
 def make_prompts(processor, count: int, seed: int):
-    from tools.toy_task import QUESTIONS, draw_shape
-    import random
-
     rng = random.Random(seed)
     questions = list(QUESTIONS.values())
     texts, images = [], []
@@ -143,10 +108,6 @@ def cpu_model() -> str:
 
 def vllm_engine(args, model, processor, folder: str):
     """A VLLMRolloutEngine over the benchmark model, saved to `folder` unless it came from --model-path."""
-    from types import SimpleNamespace
-
-    from workers.rollout.vllm_engine import VLLMRolloutEngine
-
     path = args.model_path
     if not path:
         model.save_pretrained(folder)
@@ -169,14 +130,12 @@ def main(argv=None) -> None:
 
 
 def run(args, folder: str) -> dict:
-    from monet_models.transformers import DTYPES, load_latent_model
-    from workers.rollout import NativeRolloutEngine, prompt_inputs_from_batch
-
     if args.model_path:
-        model, processor = load_latent_model(args.model_path, dtype=DTYPES[args.dtype])
+        model, processor = load_latent_model(args.model_path, dtype=torch_dtype(args.dtype))
         model = model.to(args.device).eval()
     else:
-        model, processor = random_model(args, DTYPES[args.dtype])
+        model, processor = random_model(ModelShape.from_args(args), corpus_lines(), args.seed, args.device,
+                                        torch_dtype(args.dtype))
     enc = make_prompts(processor, args.prompts, args.seed).to(args.device)
     prompts = prompt_inputs_from_batch(enc["input_ids"], enc["attention_mask"], model.config.image_token_id,
                                        enc["pixel_values"], enc["image_grid_thw"], processor.image_processor.merge_size)
@@ -208,8 +167,6 @@ def generate_run(args, model, enc):
 
 
 def engine_run(args, engine, prompts, strategy):
-    from workers.rollout import SamplingParams
-
     bias = {engine.tokens.start: args.latent_bias} if strategy == "monet" else None
     params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new_tokens, strategy=strategy,
                             latent_size=args.latent_size, ignore_eos=True, seed=args.seed, logit_bias=bias)

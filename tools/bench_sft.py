@@ -5,7 +5,7 @@
 
 Times one `monet2` student step (forward, alignment-routed loss, backward) on a batch of toy Monet rows with K latents
 per block, with the fast recurrence (monet_models.transformers.latent_recurrence) and with `exact_latent_forward`, the
-per-latent recurrence kept here as the reference the fast one is tested against. Prints one JSON object: tokens/s per
+per-latent recurrence the fast one is tested against (monet_models.transformers.exact_recurrence). Prints one JSON object: tokens/s per
 device for both, their ratio, and the largest difference between their losses and latents.
 """
 from __future__ import annotations
@@ -19,48 +19,18 @@ from pathlib import Path
 
 import torch
 
-from monet_models.transformers.latent_recurrence import base_model, captured_layers, image_features
-
-
-def visibility_mask(attention_mask, hidden=None, view=None) -> torch.Tensor:
-    """(B, 1, L, L) bool: causal, valid keys, hidden spans only for their view; every row sees itself (no NaN rows)."""
-    batch, length = attention_mask.shape
-    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal[None] & attention_mask.bool()[:, None, :]
-    if hidden is not None:
-        visible = (hidden[:, None, :] == 0) | (hidden[:, None, :] == view[:, :, None])
-        allowed &= visible
-    allowed |= torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
-    return allowed[:, None]
-
-
-def exact_latent_forward(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, hidden=None,
-                         view=None, layers=()):
-    """The per-latent recurrence: with every latent unknown, pass i fixes the i-th latent of each sample (attention is
-    causal), so after as many passes as the most latents in a sample one more pass gives the outputs. Returns
-    (last pass output, latents (pads, D) row-major, {layer: (B, L, D)}); gradients flow through every pass."""
-    base = base_model(model)
-    pads = input_ids == base.latent_tokens.pad
-    rows, cols = pads.nonzero(as_tuple=True)
-    passes = int(pads.sum(-1).max()) if rows.numel() else 0
-    positions, _ = base.mrope_positions(input_ids, attention_mask, image_grid_thw)
-    mask = visibility_mask(attention_mask, hidden, view)
-    images = image_features(model, pixel_values, image_grid_thw) if pixel_values is not None else None
-    latents = torch.zeros(rows.numel(), base.config.text_config.hidden_size, device=input_ids.device)
-    for step in range(passes + 1):
-        with captured_layers(model, layers) as calls:
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, image_embeds=images,
-                        latent_embeds=latents, latent_mode=True)
-        if step < passes:
-            latents = out.hidden_states[rows, cols - 1]
-    return out, latents, {index: values[0] for index, values in calls.items()}
+from common.checkpoint_layout import torch_dtype
+from monet_models.tiny_model import ModelShape, random_model
+from monet_models.transformers.exact_recurrence import exact_latent_forward
+from monet_models.transformers.latent_recurrence import count_rounds, recurrent_latent_forward
+from RL.config import load_config
+from RL.data.sft_dataset import collate_sft, sft_dataset
+from RL.toy_task import corpus_lines, make_toy_dataset
 
 
 def parse_args(argv=None):
-    from tools.bench_rollout import add_model_shape_args
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_shape_args(parser)
+    ModelShape.add_arguments(parser)
     parser.add_argument("--batch", type=int, default=4, help="rows per step")
     parser.add_argument("--blocks", type=int, default=3, help="auxiliary images (latent blocks) per row")
     parser.add_argument("--latent-size", type=int, default=8)
@@ -77,17 +47,13 @@ def parse_args(argv=None):
 
 def monet2_batch(processor, args, folder: Path):
     """Toy Monet rows with `blocks` zoom steps each, laid out as monet2's student (and its teacher sequence)."""
-    from RL.config import load_config
-    from RL.data.sft_dataset import collate_sft, sft_dataset
-    from tools.toy_task import make_toy_dataset
-
     data = make_toy_dataset(folder, n_train=args.batch, n_val=1, seed=args.seed, sft=True)
     rows = json.loads((data / "sft_monet.json").read_text())
     for row in rows:
         assistant = row["data"][1]
         assistant["content"] = assistant["content"] * args.blocks
     (data / "bench.json").write_text(json.dumps(rows))
-    config = load_config([f"sft.train_files={data / 'bench.json'}", "sft.stage=monet2", "data.format_prompt=",
+    config = load_config([f"data.train_files={data / 'bench.json'}", "sft.stage=monet2", "data.format_prompt=",
                           f"data.min_pixels={args.image_pixels}", f"data.max_pixels={args.image_pixels}",
                           "trainer.n_gpus_per_node=1"], require_inputs=False)
     dataset = sft_dataset(config, processor, args.latent_size)
@@ -96,8 +62,6 @@ def monet2_batch(processor, args, folder: Path):
 
 def student_step(model, batch, teacher, recurrence, device):
     """Forward (the recurrence), CE + alignment to fixed teacher states at the observation tokens, backward."""
-    from monet_models.transformers.latent_recurrence import recurrent_latent_forward
-
     ids, mask = batch.tensors["input_ids"].to(device), batch.tensors["attention_mask"].to(device)
     pixels = torch.cat(list(batch.non_tensors["pixel_values"])).to(device)
     grid = torch.cat(list(batch.non_tensors["image_grid_thw"])).to(device)
@@ -120,11 +84,8 @@ def student_step(model, batch, teacher, recurrence, device):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from monet_models.transformers.latent_recurrence import count_rounds
-    from tools.bench_rollout import random_model
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, processor = random_model(args, dtype)
+    model, processor = random_model(ModelShape.from_args(args), corpus_lines(), args.seed, args.device,
+                                    torch_dtype(args.dtype))
     model.train()
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as folder:
         batch = monet2_batch(processor, args, Path(folder))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from common.cli import ArgumentParser, UsageError, run_cli
 from common.model_folder import check_model_folder
+from monet_models.latent_tokens import LatentTokens, default_latent_size
+from monet_models.run_settings import RunSettingsError, read_run_settings
 
 STRATEGIES = ("monet", "greedy", "sample")
 
@@ -56,8 +58,6 @@ def parse_args(argv: list[str]):
 
 def model_settings(model: str) -> dict:
     """What the model folder's latent_config.json records ({} for a folder without one)."""
-    from monet_models.run_settings import RunSettingsError, read_run_settings
-
     try:
         return read_run_settings(model)
     except RunSettingsError as error:
@@ -67,7 +67,7 @@ def model_settings(model: str) -> dict:
 def build_prompt(processor, text: str, image_paths: list[str], settings: dict | None = None):
     """The chat-templated prompt with its images, through the folder's template and fitted to its pixel range (else
     the processor's) as the datasets do."""
-    from RL.data import load_image
+    from RL.data import load_image  # here and below: torch and transformers load only after the checks of parse_args
     from RL.data.format_prompt import IMAGE_MARKER, FormatPrompt
     from RL.evaluate.item_prompts import encode
 
@@ -106,7 +106,6 @@ def main(argv: list[str]) -> int:
     import torch
 
     from monet_models import load_processor
-    from monet_models.latent_tokens import LatentTokens, default_latent_size
     from RL.trainer.rollout_batch import render_response
     from workers.rollout.base import SamplingParams
 

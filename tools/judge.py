@@ -13,8 +13,12 @@ import json
 import os
 from collections import Counter
 
+from common.atomic import atomic_open
 from common.cli import ArgumentParser, InputError, UsageError, run_cli
+from rewards.config import JudgeConfig
+from rewards.judges import CACHE_FILENAME, ApiJudge
 from rewards.judges.credentials import JudgeCredentialsError
+from rewards.vlpo import judge_responses
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,9 +80,6 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def _make_judge(args):
-    from rewards.config import JudgeConfig
-    from rewards.judges import CACHE_FILENAME, ApiJudge
-
     config = JudgeConfig(api_name=args.api_name, api_base_url=args.base_url, timeout_s=args.timeout,
                          max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
                          max_concurrency=args.concurrency, requests_per_minute=args.rpm,
@@ -94,8 +95,6 @@ def _make_judge(args):
 
 def judge_rows(rows: list[dict], judge, repetition: bool) -> list[dict]:
     """Rule first; rule negatives to the API. Returns the rows with ``verdict`` and ``source`` added."""
-    from rewards.vlpo import judge_responses
-
     items = [(str(r["question"]), str(r["response"]), str(r["ground_truth"])) for r in rows]
     out = []
     for row, judged in zip(rows, judge_responses(items, judge, repetition)):
@@ -117,11 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(batch)
             bar.update(len(batch))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    partial = args.output + ".partial"  # a failed write never leaves a half-written --output
-    with open(partial, "w", encoding="utf-8") as f:
+    with atomic_open(args.output, encoding="utf-8") as f:  # a failed write never leaves a half-written --output
         for row in results:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(partial, args.output)
     judge.close()
     verdicts = Counter("null" if r["verdict"] is None else str(r["verdict"]) for r in results)
     sources = Counter(r["source"] for r in results)

@@ -1,6 +1,7 @@
 """The reward role: a CPU Ray actor running the reward function, so judging overlaps the log-prob passes."""
 from __future__ import annotations
 
+from rewards.ireasoner import judge_answers
 from rewards.manager import RewardManager
 
 
@@ -13,8 +14,6 @@ class RewardWorker:
 
     def judge_answers(self, questions: list[str], predictions: list[str], truths: list[str]) -> list[int]:
         """Verdicts of already extracted answers (self-evolution validation): rules, then the API judge."""
-        from rewards.ireasoner import judge_answers
-
         return judge_answers(questions, predictions, truths, self.manager.judge)
 
     def state_dict(self) -> dict:

@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from RL.checkpoint import CheckpointManager, crash_point, rng_state, set_rng_state
+from RL.plots import plot_run
 from RL.tracking import Tracker
 from RL.trainer.ray_setup import init_ray
 from common.cli import RunFailure
@@ -186,8 +187,6 @@ class RayTrainer:
         ray.get(exports[1:])
 
     def report_end(self) -> None:
-        from tools.plot_metrics import plot_run
-
         latest = self.checkpoints.latest()
         plots = plot_run(self.run_dir)[-1].parent
         print(f"run {self.config.trainer.experiment_name} finished at step {self.step}: {self.run_dir}\n"

@@ -65,3 +65,14 @@ def native_engine_and_prompts(model_dir):
     prompts = prompt_inputs_from_batch(enc["input_ids"], enc["attention_mask"], model.config.image_token_id,
                                        enc["pixel_values"], enc["image_grid_thw"])
     return model, processor, engine, enc, prompts
+
+
+def assert_one_line(result, status: int, *fragments: str) -> str:
+    """Exit `status`, no traceback on the console, the last stderr line `error: ...` holding every fragment."""
+    assert result.returncode == status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in last, last
+    return last

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from RL.data.errors import DataError
+from tests.helpers import assert_one_line
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CPU = REPO / "examples" / "config" / "vlpo_tiny_cpu.yaml"
@@ -33,17 +34,6 @@ def run_entry(module: str, args: list[str]) -> subprocess.CompletedProcess:
     env.pop("LATENT_RL_DEBUG", None)  # a traceback on the console is what this must not see
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
-
-
-def assert_refused(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit 2, no traceback on the console, and the last stderr line an `error:` holding every fragment."""
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in last, last
-    return last
 
 
 # ------------------------------------------------------------------------ each case: (overrides, fragments)
@@ -109,7 +99,7 @@ def test_bad_vlpo_data_is_one_line_and_trains_nothing(case, tiny_model_dir, toy_
                                    f"data.train_files={toy_data_dir}/train.jsonl",
                                    f"data.val_files={toy_data_dir}/val.jsonl", f"trainer.save_dir={tmp_path}/runs",
                                    "trainer.experiment_name=bad_data", *overrides])
-    assert_refused(result, *fragments)
+    assert_one_line(result, 2, *fragments)
     assert not run_dir.exists()  # refused before anything is written: no run folder, config.yaml or error log
     assert all(path.read_bytes() == content for path, content in written.items())  # the input is left as it was
 
@@ -120,7 +110,7 @@ def test_sft_with_no_usable_row_names_each_reason(tiny_model_dir, toy_data_dir, 
     result = run_entry("RL.train_sft", [f"config={TINY_CPU}", f"worker.actor.model.model_path={tiny_model_dir}",
                                   f"data.train_files={path}", f"trainer.save_dir={tmp_path}/runs",
                                   f"sft.output_dir={tmp_path}/sft"])
-    assert_refused(result, "data.train_files", "no usable rows for sft.stage=mirage2", str(path),
+    assert_one_line(result, 2, "data.train_files", "no usable rows for sft.stage=mirage2", str(path),
                    "bad_json 1 (e.g. sft.jsonl line 4", "missing_image 3")
     assert not (tmp_path / "sft").exists()
 
@@ -130,7 +120,7 @@ def test_eval_tsv_without_answers_names_the_column_and_leaves_no_converted_file(
     tsv.write_text("index\tquestion\tA\tB\timage\n1\tWhich colour?\tred\tblue\t\n")
     result = run_entry("RL.evaluate", [tiny_model_dir, f"data.val_files={tsv}", f"config={TINY_CPU}",
                                        f"eval.save_dir={tmp_path}/eval", "name=bench"])
-    assert_refused(result, str(tsv), "no answer column", "index, question, answer")
+    assert_one_line(result, 2, str(tsv), "no answer column", "index, question, answer")
     inputs = tmp_path / "eval" / "bench" / "inputs"
     assert not inputs.exists() or not any(inputs.iterdir())  # neither a 0-byte nor a .partial conversion
 

@@ -4,6 +4,7 @@ Each case runs the real entry point in a subprocess and checks the status, the l
 reaches the console (unless --debug), the log file holding it, and that nothing was written or damaged. The model
 folder, checkpoint and run-folder checks run before Ray starts, so those cases take seconds.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import read_metrics
+from tests.helpers import assert_one_line, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CPU = REPO / "examples" / "config" / "vlpo_tiny_cpu.yaml"
@@ -33,17 +34,6 @@ def run(module: str, args: list[str], tmp: Path, code: str | None = None, **env:
     environ = {**inherited, "TMPDIR": str(tmp / "temp"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=environ, capture_output=True, text=True,
                           timeout=600)
-
-
-def assert_one_line(result, status: int, *fragments: str) -> str:
-    """Exit `status`, no traceback on the console, the last stderr line `error: ...` holding every fragment."""
-    assert result.returncode == status, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in last, last
-    return last
 
 
 def temp_logs(tmp: Path) -> list[Path]:
@@ -150,15 +140,23 @@ def test_a_damaged_model_folder_is_refused_before_ray_naming_the_file(damage, fr
 
 
 # ---- the run folder: read-only before Ray, a checkpoint that cannot be resumed ----------------------------------
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on `folder` for the test (we run as root); the test is skipped where mounting is refused."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with tmpfs(tmp_path / "read_only", "ro,size=1m") as folder:
+        yield folder
 
 
 def test_a_read_only_save_dir_is_refused_before_ray(read_only_dir, tiny_model_dir, toy_data_dir, tmp_path):
@@ -227,13 +225,8 @@ def test_an_unreachable_ray_address_is_refused_in_seconds(tiny_model_dir, toy_da
 @pytest.fixture
 def small_disk(tmp_path):
     """A 24 MB tmpfs: room for the tiny model's first checkpoint (about 13 MB), not for a second."""
-    folder = tmp_path / "small_disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with tmpfs(tmp_path / "small_disk", "size=24m") as folder:
+        yield folder
 
 
 @pytest.mark.slow  # a VLPO run on Ray

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from RL.config import load_config
+from RL.config import ConfigError, load_config
 from RL.train_vlpo import build_trainer
 from tests.helpers import read_metrics, run_module, without_timing
 
@@ -134,8 +134,15 @@ def test_online_difficulty_sampling_keeps_mixed_groups_and_fails_clearly(sft_mod
         **common, "worker.rollout.monet.select_acc_threshold": 0.5, "trainer.max_try_make_batch": 10}))
     assert 1 <= metrics[0]["rollout/difficulty_tries"] <= 10
     assert metrics[0]["reward/accuracy"] == 0.5  # every kept group of 2 has exactly one correct answer
+    with pytest.raises(ConfigError, match="select_acc_threshold"):  # no group accuracy lies in (0, 1e-6]
+        load_config(overrides(root, data, model, "ods_never", **common,
+                              **{"worker.rollout.monet.select_acc_threshold": 1e-6}))
+    every_answer_right = root / "every_answer_right.py"  # every group's accuracy is 1: none lies in (0, 0.5]
+    every_answer_right.write_text("def score(sample):\n    return {'overall': 1.0, 'accuracy': 1.0}\n")
     with pytest.raises(NoQualifyingGroupsError, match="trainer.max_try_make_batch"):
-        train(overrides(root, data, model, "ods_none", **common, **{"worker.rollout.monet.select_acc_threshold": 1e-6}))
+        train(overrides(root, data, model, "ods_none", **common, **{
+            "worker.rollout.monet.select_acc_threshold": 0.5, "worker.reward.reward_type": "sequential",
+            "worker.reward.reward_function": f"{every_answer_right}:score"}))
 
 
 def run_cli(args, log, crash_at=None):

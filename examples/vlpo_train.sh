@@ -8,7 +8,7 @@
 #
 # With no model given and no GPU, it runs the embedded default: a tiny Qwen2.5-VL built offline, warm-started
 # with the latent SFT chain on the bundled toy task (Monet stages 1 -> 2 -> 3, examples/sft_train.sh), then trained
-# with VLPO from the stage-3 model on a local Ray cluster (examples/config/vlpo_tiny_cpu.yaml; about 4.5 minutes on
+# with VLPO from the stage-3 model on a local Ray cluster (examples/config/vlpo_tiny_cpu.yaml; about 12 minutes on
 # 2 CPU cores). Your key=value overrides reach only the VLPO run, e.g. your own rows on the tiny model:
 #   bash examples/vlpo_train.sh data.train_files=my.jsonl data.val_files=my_val.jsonl
 # The warm start is sealed: built once, with only these settings, recorded in its SFT_OK and rebuilt when they change:

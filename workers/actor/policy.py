@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from common.checkpoint_layout import optimizer_dir, weights_dir
+from workers.actor.optimizers import build_optimizer
 from workers.actor.sharded_model import ShardedModel
 
 
@@ -22,8 +23,7 @@ class Policy:
     @classmethod
     def build(cls, name: str, model: ShardedModel, adapter: str | None, optim_config, total_steps: int) -> "Policy":
         params = model.trainable_parameters(adapter)
-        optimizer = torch.optim.AdamW(params, lr=optim_config.lr, betas=tuple(optim_config.betas),
-                                      weight_decay=optim_config.weight_decay)
+        optimizer = build_optimizer(params, optim_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_config, total_steps))
         return cls(name, model, adapter, optimizer, scheduler)
 

@@ -33,6 +33,7 @@ class LatentForwardOutput:
     position_ids: torch.Tensor  # (3, B, L) mRoPE positions used
     rope_deltas: torch.Tensor | None  # (B, 1) set at prefill: decode position = unpadded index + delta
     image_embeds: torch.Tensor | None  # flat image features, reusable by a later call on the same images
+    head_output: object = None  # what `head(hidden_states, lm_head)` returned, when a head was given
 
 
 class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -89,6 +90,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         latent_embeds=None,
         use_cache: bool = False,
         compute_logits: bool = True,
+        head=None,
         mm_token_type_ids=None,  # accepted for processor-output compatibility; derived from input_ids instead
     ) -> LatentForwardOutput:
         if image_embeds is None and pixel_values is not None:
@@ -105,6 +107,9 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             past_key_values=past_key_values, use_cache=use_cache,
         )
         hidden = outputs.last_hidden_state
+        if head is not None:  # e.g. chunked token log-probs: inside forward, so FSDP's hooks also cover lm_head
+            return LatentForwardOutput(None, hidden, outputs.past_key_values, position_ids, rope_deltas, image_embeds,
+                                       head(hidden, self.lm_head))
         logits = self.lm_head(hidden) if compute_logits else None
         return LatentForwardOutput(logits, hidden, outputs.past_key_values, position_ids, rope_deltas, image_embeds)
 

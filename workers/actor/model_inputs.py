@@ -1,10 +1,15 @@
-"""Turn a batch of rollouts into the latent-aware model's inputs, padded or packed (padding-free)."""
+"""Turn a batch of rollouts into the latent-aware model's inputs, padded or packed (padding-free), and cut it into
+micro-batches of a fixed number of samples or of a token budget (dynamic batching)."""
 from __future__ import annotations
 
-import torch
+from functools import partial
 
-from monet_models.transformers import latent_means, sequence_log_probs
+import torch
+import torch.distributed as dist
+
+from monet_models.transformers.log_probs import latent_means, next_token_log_probs, with_latent_densities
 from monet_models.transformers.packing import pack, unpack
+from workers.actor.fsdp import device_type
 
 
 def _cat(values):
@@ -29,30 +34,36 @@ def model_inputs(batch, device) -> dict:
 
 
 def position_log_probs(module, inputs: dict, temperature: float, sigma: float, scale_by_dim: bool,
-                       padding_free: bool) -> torch.Tensor:
+                       padding_free: bool, chunk_size: int = 0) -> torch.Tensor:
     """(B, L) log-likelihood of every position under `module` (tokens at temperature, latents as Gaussians)."""
-    return position_scores(module, inputs, temperature, sigma, scale_by_dim, padding_free)[0]
+    return position_scores(module, inputs, temperature, sigma, scale_by_dim, padding_free, chunk_size)[0]
 
 
 def position_scores(module, inputs: dict, temperature: float, sigma: float, scale_by_dim: bool,
-                    padding_free: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    padding_free: bool, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`position_log_probs`, and the (latents, D) fp32 means of the latent steps in the order they were recorded
-    (what the exact latent KL to the reference is computed from)."""
+    (what the exact latent KL to the reference is computed from).
+
+    The token log-probs come from the model's forward through `next_token_log_probs` as its head, `chunk_size`
+    positions at a time (`worker.actor.logprob_chunk_size`): the full (tokens x vocab) logits never exist.
+    """
     pad_id = _latent_pad_id(module)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     latents = inputs["latent_embeds"]
     common = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], latent_embeds=latents,
                   latent_mode=True)
-    if not padding_free:
-        out = module(input_ids=ids, attention_mask=mask, **common)
-        return (sequence_log_probs(out.logits, out.hidden_states, ids, latents, pad_id, temperature, sigma,
-                                   scale_by_dim), latent_means(out.hidden_states, ids, pad_id))
-    positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
-    packed_ids, packed_positions, keep = pack(ids, mask, positions)
-    out = module(input_ids=packed_ids, position_ids=packed_positions, **common)
-    values = sequence_log_probs(out.logits, out.hidden_states, packed_ids, latents, pad_id, temperature, sigma,
-                                scale_by_dim)
-    return unpack(values, keep), latent_means(out.hidden_states, packed_ids, pad_id)
+    if padding_free:
+        positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
+        ids, positions, keep = pack(ids, mask, positions)
+        common.update(position_ids=positions)
+    else:
+        common.update(attention_mask=mask)
+    head = partial(next_token_log_probs, input_ids=ids, temperature=temperature, chunk_size=chunk_size)
+    out = module(input_ids=ids, head=head, **common)
+    text = out.head_output.view(ids.shape[0], -1)
+    values = with_latent_densities(text, out.hidden_states, ids, latents, pad_id, sigma, scale_by_dim)
+    means = latent_means(out.hidden_states, ids, pad_id)
+    return (unpack(values, keep), means) if padding_free else (values, means)
 
 
 def unwrapped(module):
@@ -62,3 +73,83 @@ def unwrapped(module):
 
 def _latent_pad_id(module) -> int:
     return unwrapped(module).latent_tokens.pad
+
+
+# ---- micro-batches: a fixed number of samples, or a token budget (dynamic batching) -------------------------------
+def token_budget(actor_config, update: bool) -> int:
+    """Tokens per micro-batch on one device with `worker.actor.dynamic_batching` (verl's
+    `ppo_max_token_len_per_gpu` for the update, `log_prob_max_token_len_per_gpu` for old/reference log-probs);
+    0 when off (micro-batches of a fixed number of samples)."""
+    if not actor_config.dynamic_batching:
+        return 0
+    return actor_config.ppo_max_token_len_per_gpu if update else actor_config.log_prob_max_token_len_per_gpu
+
+
+def micro_batches(batch, size: int, budget: int = 0, padding_free: bool = True) -> list:
+    """`batch` in consecutive micro-batches, in order: `size` samples each, or (`budget` > 0) at most `budget` tokens
+    each (`sample_tokens`), as few as any rank needs and as even as they can be (`token_budget_groups`).
+
+    Every rank gets the same number of micro-batches: each is a collective FSDP forward (and backward). Consecutive
+    groups keep the samples in order, so scores concatenate back without a permutation; the loss does not depend on
+    where micro-batches are cut (it is normalised by the mini-batch's global counts).
+    """
+    if budget <= 0:
+        return batch.split(size)
+    lengths = sample_tokens(batch, padding_free).tolist()
+    groups = token_budget_groups(lengths, budget, _most_over_ranks(len(token_budget_groups(lengths, budget))))
+    return [batch[group.start:group.stop] for group in groups]
+
+
+def sample_tokens(batch, padding_free: bool) -> torch.Tensor:
+    """(B,) tokens each sample costs a forward: its prompt and response tokens when packed (padding-free), the
+    padded width when the batch runs padded."""
+    mask = batch.tensors["attention_mask"]
+    return mask.sum(-1) if padding_free else torch.full((mask.shape[0],), mask.shape[-1])
+
+
+def token_budget_groups(lengths: list[int], budget: int, parts: int = 0) -> list[range]:
+    """Consecutive groups of `lengths` with at most `budget` tokens each: the fewest possible, or `parts` if more,
+    with the largest group as small as it can be for that count.
+
+    Greedy filling gives the fewest consecutive groups for a capacity, so the smallest capacity whose greedy count
+    fits `parts` (a binary search) is the most even cut; groups are then split further if that count is short.
+    """
+    too_long = [length for length in lengths if length > budget]
+    if too_long:
+        raise ValueError(f"a sample of {max(too_long)} tokens exceeds the micro-batch token budget of {budget} "
+                         "(worker.actor.ppo_max_token_len_per_gpu / log_prob_max_token_len_per_gpu)")
+    if not lengths:
+        return []
+    parts = max(parts, len(_greedy_groups(lengths, budget)))
+    if parts > len(lengths):
+        raise ValueError(f"{parts} micro-batches asked of {len(lengths)} samples: ranks hold unequal batches")
+    low, high = max(lengths), budget
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(_greedy_groups(lengths, middle)) <= parts else (middle + 1, high)
+    groups = _greedy_groups(lengths, low)
+    while len(groups) < parts:
+        widest = max((g for g in groups if len(g) > 1), key=lambda g: sum(lengths[i] for i in g))
+        at = groups.index(widest)
+        middle = widest.start + len(widest) // 2
+        groups[at:at + 1] = [range(widest.start, middle), range(middle, widest.stop)]
+    return groups
+
+
+def _greedy_groups(lengths: list[int], capacity: int) -> list[range]:
+    groups, start, total = [], 0, 0
+    for index, length in enumerate(lengths):
+        if total + length > capacity:
+            groups.append(range(start, index))
+            start, total = index, 0
+        total += length
+    return groups + [range(start, len(lengths))]
+
+
+def _most_over_ranks(count: int) -> int:
+    """The largest `count` over the ranks (every rank must run as many FSDP forwards)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return count
+    value = torch.tensor([count], device=device_type())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)

@@ -7,6 +7,7 @@ gradient norm, and skipping a step whose norm is not finite. A loss composer tur
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -15,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from algorithms import aggregate_loss, compute_kl, compute_policy_loss, with_exact_latent_kl
-from workers.actor.fsdp import all_reduce_sum, full_tensor
+from workers.actor.fsdp import all_reduce_sum
+from workers.actor.model_inputs import micro_batches, token_budget
+from workers.actor.optimizers import clip_grad_norm
 from workers.actor.policy import Policy
 
 LOSS_MODES = {"token": "token-mean", "seq": "seq-mean-token-mean"}
@@ -41,13 +44,15 @@ class GlobalCounts:
 LossFn = Callable[[Policy, object, GlobalCounts], tuple[torch.Tensor, dict, dict]]
 
 
-def optimizer_step(policy: Policy, mini, loss_fn: LossFn, micro_size: int, max_grad_norm: float) -> dict:
-    """One optimizer step over the mini-batch `mini` (this rank's share), accumulated over micro-batches."""
+def optimizer_step(policy: Policy, mini, loss_fn: LossFn, micro_size: int, max_grad_norm: float,
+                   max_tokens: int = 0, padding_free: bool = True) -> dict:
+    """One optimizer step over the mini-batch `mini` (this rank's share), accumulated over micro-batches of
+    `micro_size` samples, or of at most `max_tokens` tokens when > 0 (`model_inputs.micro_batches`)."""
     counts = GlobalCounts.of(mini.tensors["response_mask"].float())
     world = dist.get_world_size()
     shares, means = defaultdict(float), defaultdict(list)
     with policy.active():
-        for micro in mini.split(micro_size):
+        for micro in micro_batches(mini, micro_size, max_tokens, padding_free):
             loss, micro_shares, micro_means = loss_fn(policy, micro, counts)
             # FSDP averages gradients over ranks; scaling by the world size turns that into the global mean.
             (loss * world).backward()
@@ -57,13 +62,13 @@ def optimizer_step(policy: Policy, mini, loss_fn: LossFn, micro_size: int, max_g
                 means[key].append(float(value))
     metrics = {key: float(all_reduce_sum(value)) for key, value in shares.items()}
     metrics.update({key: sum(values) / len(values) for key, values in means.items()})
-    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm))
-    if torch.isfinite(grad_norm):
+    grad_norm = clip_grad_norm(policy.parameters(), max_grad_norm)
+    if math.isfinite(grad_norm):
         policy.optimizer.step()
     else:
         metrics["actor/skipped_steps"] = 1.0
     policy.optimizer.zero_grad(set_to_none=True)
-    metrics["actor/grad_norm"] = float(grad_norm)
+    metrics["actor/grad_norm"] = grad_norm
     return metrics
 
 
@@ -124,6 +129,7 @@ def ppo_update(policy: Policy, batch, cfg, mini_batch_size: int, kl_coef: float)
     with the PPO ratio against the behaviour log-probs.
     """
     loss_fn = lambda pol, micro, counts: ppo_loss(pol, micro, counts, cfg, kl_coef)  # noqa: E731
-    micro_size = cfg.micro_batch_size_per_device_for_update
+    micro_size, budget = cfg.micro_batch_size_per_device_for_update, token_budget(cfg, update=True)
     return run_epochs(policy, batch, mini_batch_size, cfg.ppo_epochs,
-                      lambda mini: optimizer_step(policy, mini, loss_fn, micro_size, cfg.max_grad_norm))
+                      lambda mini: optimizer_step(policy, mini, loss_fn, micro_size, cfg.max_grad_norm, budget,
+                                                  cfg.padding_free))

@@ -88,7 +88,7 @@ def test_vllm_matches_native_on_cuda_and_sleeps(cuda_setup, tiny_model_dir):
     agree = sum(a.response_ids.tolist() == b.response_ids.tolist() for a, b in zip(got, expected))
     assert agree >= len(got) - 1  # bf16 kernels may flip one near-tie; the layout must still hold
     assert all(s.num_latents == sum(n for _, n in s.block_positions) for s in got)
-    engine.release()  # sleep mode: weights to host memory, KV cache dropped
-    engine.resume()
+    engine.sleep()  # sleep mode: weights to host memory, KV cache dropped
+    engine.wake_up()
     again = engine.generate(prompts, params)
     assert [s.response_ids.tolist() for s in again] == [s.response_ids.tolist() for s in got]

@@ -95,6 +95,7 @@ def finish(driver: subprocess.Popen, log, log_path) -> tuple[int, str]:
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.placement_timeout_s=0", "trainer.placement_timeout_s: must be > 0 seconds, got 0"),
+    ("trainer.dist_timeout_s=-1", "trainer.dist_timeout_s: must be > 0 seconds, got -1"),
     ("trainer.max_restarts=-1", "trainer.max_restarts: must be >= 0, got -1"),
 ])
 def test_placement_timeout_and_restarts_are_checked_with_the_config(override, message):

@@ -38,7 +38,8 @@ def timed_work(method):
 
 
 class DistributedWorker:
-    """Base of worker classes: joins the group's torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+    """Base of worker classes: joins the group's torch.distributed process group (gloo on CPU; NCCL and gloo on
+    GPU)."""
 
     def pop_busy_time(self) -> float:
         busy, self._busy_s = getattr(self, "_busy_s", 0.0), 0.0
@@ -56,16 +57,22 @@ class DistributedWorker:
             port = sock.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def init_distributed(self, rank: int, world_size: int, address: str, port: int, threads: int) -> None:
+    def init_distributed(self, rank: int, world_size: int, address: str, port: int, threads: int,
+                         timeout_s: float = 600.0) -> None:
+        """Join the group. On GPUs its backend is NCCL for CUDA tensors and gloo for host tensors (offloaded
+        parameter shards, checkpoint metadata), so a collective on either kind works. A collective that waits
+        longer than `timeout_s` (trainer.dist_timeout_s: a rank that died or hangs) fails instead of hanging."""
+        from datetime import timedelta
+
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(threads)
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(0)  # Ray exposes exactly the bundle's GPU to this process
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         self.rank, self.world_size = rank, world_size
 
     def shutdown(self) -> None:
@@ -78,9 +85,9 @@ class DistributedWorker:
 class WorkerGroup:
     def __init__(self, worker_cls, world_size: int, use_gpu: bool, name: str, cpus_per_worker: float = 1.0,
                  placement_timeout_s: float = 120.0, request: str = "",
-                 remedy: str = "start the missing nodes or ask for fewer workers"):
+                 remedy: str = "start the missing nodes or ask for fewer workers", dist_timeout_s: float = 600.0):
         """`request` (the config keys that asked for `world_size` workers) and `remedy` word the error when the
-        cluster cannot place them within `placement_timeout_s`."""
+        cluster cannot place them within `placement_timeout_s`; `dist_timeout_s` bounds each collective's wait."""
         self.world_size, self.name = world_size, name
         bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         self.placement = place(bundle, world_size, f"{name}-pg", placement_timeout_s, request, remedy)
@@ -98,7 +105,7 @@ class WorkerGroup:
         ]
         address, port = ray.get(self.workers[0].node_address.remote())
         threads = max(1, int((os.cpu_count() or 1) // world_size)) if not use_gpu else 4
-        ray.get([worker.init_distributed.remote(rank, world_size, address, port, threads)
+        ray.get([worker.init_distributed.remote(rank, world_size, address, port, threads, dist_timeout_s)
                  for rank, worker in enumerate(self.workers)])
 
     def call(self, method: str, *args, **kwargs) -> list:

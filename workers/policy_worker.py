@@ -3,20 +3,23 @@
 One process per device holds everything by default (EasyR1's hybrid engine). The policies are either one full model
 (`actor`, VLPO) or LoRA adapters on one frozen base (`solver` and `proposer` for self-evolution, or a LoRA `actor`);
 every method names the policy it acts on. The reference is a frozen copy for a full model, and the base with the
-adapters disabled for LoRA. The rollout engine holds its own unsharded copy (base + adapters with LoRA), refreshed
-from the actor each step; `worker.placement.colocate=false` runs it in its own group that receives weights via Ray.
+adapters disabled for LoRA. The rollout engine holds its own unsharded copy (base + adapters with LoRA); the trainer
+wraps each generation phase in `begin_rollout` / `end_rollout`, which wake the engine, stream the actor's weights into
+it when they changed since the last sync, and put it back to sleep. `worker.placement.colocate=false` runs the engine
+in its own group, which receives the weights via Ray (`export_weights`) and never sleeps (no actor shares its device).
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
-from common.checkpoint_layout import hf_files_dir, role_dir
+from common.checkpoint_layout import hf_files_dir, role_dir, torch_dtype
 from monet_models.run_settings import settings_from_config
 from monet_models.transformers import load_latent_model
 from common.seeding import derive_seed
-from workers.actor.lora import adapter_tensors, apply_lora, lora_config
+from workers.actor.lora import apply_lora, lora_config
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel
 from workers.actor.sft_losses import save_latents, sft_update, stage2_latents
@@ -37,6 +40,8 @@ class PolicyWorker(DistributedWorker):
         self.model = self.ref_model = self.engine = None
         self.policies: dict[str, Policy] = {}
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # log-probs per step key, until the update
+        # The actor's weights change (update, checkpoint load) bump the version; the engine syncs when it lags.
+        self.actor_version, self._engine_version = 0, None
         if "actor" in roles:
             self.model = ShardedModel(path, actor_cfg, trainable=True, adapters=self.adapters)
             self.policies = {name: Policy.build(name, self.model, name if self.adapters else None, actor_cfg.optim,
@@ -46,6 +51,11 @@ class PolicyWorker(DistributedWorker):
             self.ref_model = ShardedModel(path, actor_cfg, trainable=False, fsdp=ref_cfg.fsdp, offload=ref_cfg.offload)
         if "rollout" in roles:
             self._build_engine(path)
+            # Asleep between generation phases only where training state shares the device; a rollout-only worker
+            # (separate pool, evaluation) keeps it awake.
+            self._engine_sleeps = "actor" in roles
+            if self._engine_sleeps:
+                self.engine.sleep()
 
     def _build_engine(self, path: str) -> None:
         rollout, lora = self.config.worker.rollout, self.config.worker.actor.model.lora
@@ -74,27 +84,78 @@ class PolicyWorker(DistributedWorker):
         with torch.inference_mode():
             return self.engine.generate(prompts, params, lora=policy if self.adapters else None)
 
+    # ---- the engine's generation phases -----------------------------------------------------------------------
     @timed_work
-    def sync_rollout_weights(self) -> None:
-        """Copy every policy's current weights into the colocated engine (a collective over the actor group)."""
-        weights = self._rollout_weights()
-        if self.engine is not None:
-            self.load_rollout_weights(weights)
+    def begin_rollout(self, weights: dict | None = None) -> float:
+        """Ready the engine for a generation phase (EasyR1's order): free cached memory → wake its weights → bring
+        them up to date → wake its KV cache. The weights come from this worker's actor when it changed since the last
+        sync (a collective over the actor group: every rank calls this), or as `weights` (`export_weights` of the
+        actor group, for a separate rollout pool). Returns the seconds the sync took (0 when nothing changed)."""
+        free_cached_memory()
+        self.engine.wake_up(["weights"])
+        seconds, start = 0.0, time.perf_counter()
+        if weights is not None:
+            self._load_exported(weights)
+            seconds = time.perf_counter() - start
+        elif self.model is not None and self._engine_version != self.actor_version:
+            self._sync_from_actor()
+            seconds = time.perf_counter() - start
+        self.engine.wake_up(["kv_cache"])
+        return seconds
+
+    @timed_work
+    def end_rollout(self) -> None:
+        """The phase is over: the engine gives its memory back (where it shares the device with training)."""
+        if self._engine_sleeps:
+            self.engine.sleep()
+        free_cached_memory()
+
+    def weights_version(self) -> int:
+        """How many times the actor's weights changed since this worker started (the driver compares it with what
+        a separate rollout pool last received)."""
+        return self.actor_version
+
+    def _actor_changed(self) -> None:
+        self.actor_version += 1
+
+    def _sync_from_actor(self) -> None:
+        """Stream the full model (or each adapter's tensors) from the shards into the engine, one parameter or bucket
+        at a time, cast to the engine's dtype; no file, and never a second full copy on the device."""
+        if self.adapters:
+            for name in self.adapters:
+                self.engine.update_adapter(name, dict(self._stream(name)), self._adapter_config())
+        else:
+            stream = self._stream(None)
+            try:
+                self.engine.update_weights(stream)
+            finally:
+                for _ in stream:  # the gathers are collectives: finish them even if the engine stopped early
+                    pass
+        self._engine_version = self.actor_version
+
+    def _stream(self, adapter: str | None):
+        rollout = self.config.worker.rollout
+        return self.model.stream_weights(adapter, dtype=torch_dtype(rollout.dtype),
+                                         bucket_bytes=int(rollout.sync_bucket_mb * 2 ** 20))
 
     @timed_work
     def export_weights(self) -> dict | None:
-        """The weights a separate rollout pool loads (rank 0 returns them; a collective)."""
-        weights = self._rollout_weights()
-        return weights if self.rank == 0 else None
-
-    def _rollout_weights(self) -> dict:
-        """The full state dict, or {adapter: its tensors in peft's saved naming} with LoRA (the base never moves)."""
+        """The actor's weights for a separate rollout pool, in host memory on rank 0 ({name: tensor}, or {adapter:
+        {name: tensor}} with LoRA; None on the other ranks): a collective. The pool lives on other devices, so the
+        whole model crosses Ray once per sync as one object in rank 0's store, which every pool rank reads."""
         if not self.adapters:
-            return self.model.gather_weights()
-        return {name: adapter_tensors(self.model.gather_weights(name), name) for name in self.adapters}
+            return self._collect(self._stream(None))
+        exported = {name: self._collect(self._stream(name)) for name in self.adapters}
+        return exported if self.rank == 0 else None
 
-    @timed_work
-    def load_rollout_weights(self, weights: dict) -> None:
+    def _collect(self, stream) -> dict | None:
+        if self.rank == 0:
+            return {name: tensor.cpu() for name, tensor in stream}
+        for _ in stream:
+            pass
+        return None
+
+    def _load_exported(self, weights: dict) -> None:
         if not self.adapters:
             self.engine.update_weights(weights)
             return
@@ -139,6 +200,7 @@ class PolicyWorker(DistributedWorker):
     def update_policy(self, batch, policy: str, key: str, advantages: torch.Tensor, mini_batch_size: int,
                       kl_coef: float) -> dict:
         batch.tensors.update({**self._kept.pop(key), "advantages": advantages})  # a fresh copy from the store
+        self._actor_changed()
         return ppo_update(self.policies[policy], batch, self.config.worker.actor, mini_batch_size, kl_coef)
 
     # ---- latent SFT (workers/actor/sft_losses.py) -----------------------------------------------------------------
@@ -153,6 +215,7 @@ class PolicyWorker(DistributedWorker):
     @timed_work
     def update_sft(self, batch, policy: str, stage: str) -> dict:
         """One optimizer step of latent-SFT `stage` on this rank's shard (a collective over the group)."""
+        self._actor_changed()
         return sft_update(self.policies[policy], batch, self.config, stage, getattr(self, "teacher", None))
 
     @timed_work
@@ -176,3 +239,11 @@ class PolicyWorker(DistributedWorker):
     def load_checkpoint(self, folder: str) -> None:
         for name, policy in self.policies.items():
             policy.load(str(role_dir(folder, name)))
+        self._actor_changed()
+
+
+def free_cached_memory() -> None:
+    """Hand the CUDA caching allocator's free blocks back to the device, so whichever of the engine and the actor
+    runs next can use the memory the other just released (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

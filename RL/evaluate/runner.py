@@ -66,7 +66,8 @@ def start_workers(config):
     from workers.group import WorkerGroup
 
     init_ray()
-    group = WorkerGroup(EvalWorker, config.world_size, torch.cuda.is_available(), name="eval")
+    group = WorkerGroup(EvalWorker, config.world_size, torch.cuda.is_available(), name="eval",
+                        dist_timeout_s=config.trainer.dist_timeout_s)
     group.call("init_evaluation", config)
     return group
 

@@ -8,6 +8,10 @@ re-emits the line. Lines past the resumed step are dropped, so every step appear
 A worker or node lost mid-run ends the run with one line that names it, the step and how to resume; with
 `trainer.max_restarts=N` the driver instead stops every worker, starts them again (`start_workers`, which trainers
 extend with whatever holds references to the workers) and resumes from its newest checkpoint, up to N times.
+
+Every generation phase (a step's rollouts, validation) runs inside `generation()`: the engines wake, receive the
+actor's weights if they changed since the last phase (lazily: an update or a checkpoint load marks them), generate,
+and go back to sleep, so a colocated engine holds device memory only while it generates.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class RayTrainer:
     title = "train"
     policy_names: tuple[str, ...] = ("actor",)
     roles: tuple[str, ...] = ("actor", "ref", "rollout")  # PolicyWorker roles to start (SFT: the actor only)
+    worker_class = PolicyWorker  # what each process of the groups runs (a subclass may extend it)
 
     def __init__(self, config, total_steps: int, has_validation: bool):
         self.config, self.total_steps, self.has_validation = config, total_steps, has_validation
@@ -75,6 +80,7 @@ class RayTrainer:
         roles = [role for role in self.roles if role != "rollout"] + (["rollout"] if rollout and colocate else [])
         self.policy.call("init_roles", config, roles, list(self.policy_names), self.total_steps)
         self.rollout = self.policy
+        self.served_version = None  # the actor weights version a separate rollout pool holds (None: none yet)
         if rollout and not colocate:  # a second pool of processes that only generates; weights travel through Ray
             self.rollout = self.start_group("rollout", use_gpu)
             self.rollout.call("init_roles", config, ["rollout"], list(self.policy_names), self.total_steps)
@@ -82,7 +88,8 @@ class RayTrainer:
     def start_group(self, name: str, use_gpu: bool) -> WorkerGroup:
         trainer = self.config.trainer
         return WorkerGroup(
-            PolicyWorker, self.world_size, use_gpu, name=name, placement_timeout_s=trainer.placement_timeout_s,
+            self.worker_class, self.world_size, use_gpu, name=name, placement_timeout_s=trainer.placement_timeout_s,
+            dist_timeout_s=trainer.dist_timeout_s,
             request=f"trainer.nnodes={trainer.nnodes} × trainer.n_gpus_per_node={trainer.n_gpus_per_node}",
             remedy=f"start the missing nodes or lower trainer.nnodes (waited trainer.placement_timeout_s="
                    f"{trainer.placement_timeout_s:g} s)")
@@ -125,7 +132,7 @@ class RayTrainer:
         trainer = self.config.trainer
         self.resume()
         if trainer.val_before_train and self.step == 0 and self.has_validation:
-            self.tracker.log(0, self.validate(0))
+            self.tracker.log(0, self.validate_with_engines(0))
         if trainer.val_only:
             return
         with tqdm(total=self.total_steps, initial=self.step, desc=self.title, unit="step", dynamic_ncols=True) as bar:
@@ -134,7 +141,7 @@ class RayTrainer:
                 metrics = self.train_step(self.step)
                 crash_point("after_step", self.step)
                 if self._due(trainer.val_freq) and self.has_validation:
-                    metrics.update(self.validate(self.step))
+                    metrics.update(self.validate_with_engines(self.step))
                 if self._due(trainer.save_freq):
                     with timed(metrics, "save_checkpoint"):
                         self.save(metrics)
@@ -175,16 +182,44 @@ class RayTrainer:
         """The slowest rank's compute since the last call, summed over the groups (the rest is driver + Ray)."""
         return sum(max(group.call("pop_busy_time")) for group in self.groups)
 
-    def sync_rollout_weights(self) -> None:
+    # ---- generation phases -------------------------------------------------------------------------------------
+    @contextmanager
+    def generation(self, timing: dict | None = None):
+        """A generation phase: the engines wake and catch up with the actor's weights, then sleep after the block.
+        The seconds the weight sync took (slowest rank) are added to `timing["timing_s/sync_weights"]` (0 when the
+        weights had not changed); the block's own timer includes them. On an error the run stops or restarts its
+        workers, so the engines are not put back to sleep then."""
         if "rollout" not in self.roles:
+            yield
             return
-        if self.rollout is self.policy:
-            self.policy.call("sync_rollout_weights")
-            return
-        # Rank 0's export stays in its object store; the rollout ranks fetch it from there, never via the driver.
+        seconds = self._begin_rollout()
+        if timing is not None:
+            timing["timing_s/sync_weights"] = timing.get("timing_s/sync_weights", 0.0) + seconds
+        yield
+        self.rollout.call("end_rollout")
+
+    def _begin_rollout(self) -> float:
+        if self.rollout is self.policy:  # colocated: each rank streams its actor's shards into its own engine
+            return max(self.policy.call("begin_rollout"))
+        # A separate pool: rank 0's export stays in its object store; the pool's ranks fetch it from there, never
+        # via the driver, and only when the actor changed since the pool last received it.
+        version = self.policy.call("weights_version")[0]
+        if version == self.served_version:
+            return max(self.rollout.call("begin_rollout"))
+        start = time.perf_counter()
         exports = [worker.export_weights.remote() for worker in self.policy.workers]
-        self.rollout.call("load_rollout_weights", exports[0])
+        self.rollout.call("begin_rollout", exports[0])
         ray.get(exports[1:])
+        self.served_version = version
+        return time.perf_counter() - start
+
+    def validate_with_engines(self, step: int) -> dict:
+        """`validate` inside a generation phase; its weight sync (if validation is the first phase after an
+        update) is reported as `timing_s/val_sync_weights`."""
+        timing: dict = {}
+        with self.generation(timing):
+            metrics = self.validate(step)
+        return {**metrics, "timing_s/val_sync_weights": timing.get("timing_s/sync_weights", 0.0)}
 
     def report_end(self) -> None:
         latest = self.checkpoints.latest()
@@ -218,11 +253,9 @@ class RayTrainer:
             else:
                 self.restore(self.start_state)
             self.tracker.truncate_after(-1)  # a run that crashed before its first save starts over cleanly
-            self.sync_rollout_weights()  # the engines serve exactly the actor's initial weights (and adapters)
             return
         step, folder = self.resume_point
-        self.policy.call("load_checkpoint", str(folder))
-        self.sync_rollout_weights()
+        self.policy.call("load_checkpoint", str(folder))  # the engines catch up at the next generation phase
         state = self.checkpoints.load_trainer_state(folder)
         self.restore(state)
         self.tracker.truncate_after(self.step)

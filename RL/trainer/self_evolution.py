@@ -64,14 +64,15 @@ class SelfEvolutionTrainer(RayTrainer):
         timing: dict = {}
         self.pop_busy_time()
         with timed(timing, "step"):
-            with timed(timing, "propose"):
-                images = [self.pool.sample((step - 1) * self.config.data.rollout_batch_size + i + 1).image
-                          for i in range(self.config.data.rollout_batch_size)]
-                proposals = self.propose(images, step)
-                questions = [parse_question(text) for text in proposals.non_tensors["response_text"]]
-            with timed(timing, "solve"):
-                answers = self.solve([images[i // self.se.questions_per_image] for i in range(len(questions))],
-                                     questions, f"s{step}", self.train_params(step))
+            with self.generation(timing):  # the proposer's and the solver's rollouts: one phase (sync before it)
+                with timed(timing, "propose"):
+                    images = [self.pool.sample((step - 1) * self.config.data.rollout_batch_size + i + 1).image
+                              for i in range(self.config.data.rollout_batch_size)]
+                    proposals = self.propose(images, step)
+                    questions = [parse_question(text) for text in proposals.non_tensors["response_text"]]
+                with timed(timing, "solve"):
+                    answers = self.solve([images[i // self.se.questions_per_image] for i in range(len(questions))],
+                                         questions, f"s{step}", self.train_params(step))
             with timed(timing, "score"):
                 rewards = ray.get(self.batches.score_async(self.batches.reward_inputs(answers), step,
                                                            start_step=self.schedule_origin))
@@ -82,8 +83,6 @@ class SelfEvolutionTrainer(RayTrainer):
             if step % self.se.proposer_update_freq == 0:
                 with timed(timing, "update_proposer"):
                     metrics.update(self.update("proposer", proposals, stats["proposer_reward"]))
-            with timed(timing, "sync_weights"):
-                self.sync_rollout_weights()
         busy = self.pop_busy_time()
         timing["timing_s/worker_busy"] = busy
         timing["timing_s/driver_and_ray"] = timing["timing_s/step"] - busy

@@ -1,8 +1,8 @@
 """The VLPO trainer: one step reads top to bottom (CleanRL's shape); the run around it is `RayTrainer`'s.
 
-generate (n per prompt, latent `monet` strategy) → reward (async on the reward worker) → old log-probs →
-reference log-probs → advantages (KL in the reward when algorithm.use_kl_loss=false) → PPO update with the
-latent Gaussian terms → weight sync.
+weight sync (when the actor changed) and generate (n per prompt, latent `monet` strategy) → reward (async on the
+reward worker) → old log-probs → reference log-probs → advantages (KL in the reward when algorithm.use_kl_loss=false)
+→ PPO update with the latent Gaussian terms.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ class VLPOTrainer(RayTrainer):
         in_reward_kl = self.uses_reference and not self.config.algorithm.use_kl_loss
         self.pop_busy_time()  # forget validation and start-up work
         with timed(timing, "step"):
-            with timed(timing, "gen"):
-                batch, reward_future, gen_metrics = self.batches.make_training_batch(step)
+            with timed(timing, "gen"):  # includes timing_s/sync_weights
+                with self.generation(timing):
+                    batch, reward_future, gen_metrics = self.batches.make_training_batch(step)
                 shards, key = self.policy.scatter(batch), f"s{step}"
             with timed(timing, "old"):
                 agreement = self.policy.dispatch("compute_log_probs", shards, POLICY, key)
@@ -61,8 +62,6 @@ class VLPOTrainer(RayTrainer):
                 actor_metrics = mean_dicts(self.policy.dispatch(
                     "update_policy", shards, POLICY, key, mini_batch_size=self._mini_batch_size(), kl_coef=kl_coef,
                     per_rank=per_rank))
-            with timed(timing, "sync_weights"):
-                self.sync_rollout_weights()
         measured_kl = kl_metrics.get("reward/kl", actor_metrics.get("actor/kl_loss", 0.0))
         self.kl_controller.update(measured_kl, len(batch))  # EasyR1: n_steps = samples in the step
         busy = self.pop_busy_time()

@@ -34,7 +34,8 @@ def is_adapter_key(name: str, adapter: str) -> bool:
     return f".{adapter}." in name and ".lora_" in name
 
 
-def adapter_tensors(weights: dict, adapter: str) -> dict:
-    """`adapter`'s tensors renamed to peft's saved naming (`...lora_A.weight`): what adapter folders and the
-    rollout engines take, whatever the adapter is called inside the training model."""
-    return {key.replace(f".{adapter}.", "."): value for key, value in weights.items() if is_adapter_key(key, adapter)}
+def saved_adapter_key(name: str, adapter: str) -> str:
+    """`adapter`'s parameter name in peft's saved naming (`...lora_A.<adapter>.weight` -> `...lora_A.weight`): what
+    adapter folders and the rollout engines take, whatever the adapter is called inside the training model."""
+    return name.replace(f".{adapter}.", ".")
+

@@ -134,12 +134,16 @@ def weights_items(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
     return iter(weights.items()) if isinstance(weights, Mapping) else iter(weights)
 
 
+WAKE_TAGS = ("weights", "kv_cache")  # what `RolloutEngine.wake_up` restores, in the order it restores them
+
+
 class RolloutEngine(ABC):
     """Generates n samples per prompt; outputs are ordered prompt-major (prompt 0's n samples first).
 
-    The trainer drives an engine through four calls: `generate` with the current policy, `update_weights` after
-    each optimizer step, and `release` / `resume` around the training phase so that a colocated engine gives its
-    accelerator memory back while the actor trains.
+    A colocated engine shares its device with the actor, so it holds memory only while it generates (EasyR1's
+    hybrid engine). The worker drives it per generation phase: `wake_up(["weights"])` → `update_weights` /
+    `update_adapter` when the actor changed → `wake_up(["kv_cache"])` → `generate` ... → `sleep()`; the engine is put
+    to sleep right after it is built, so the actor's optimizer state never competes with the KV cache.
     """
 
     latent_overrides: tuple[str, ...] = ("none",)  # the `SamplingParams.latent_override` values it implements
@@ -147,23 +151,41 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, prompts: list[PromptInput], params: SamplingParams, lora: str | None = None
                  ) -> list[RolloutSample]:
-        """`lora` names an adapter the engine serves (e.g. "solver", "proposer"); None = the base weights."""
+        """`lora` names an adapter the engine serves (e.g. "solver", "proposer"); None = the base weights.
+        Raises RuntimeError while the KV cache (or the weights) sleep."""
 
     @abstractmethod
     def update_weights(self, weights: Weights) -> None:
-        """Replace weights in place, by Hugging Face (transformers) parameter name. The native engine takes any
-        subset; vLLM needs every tensor of each layer it updates, so send the full state dict."""
+        """Replace weights in place, by Hugging Face (transformers) parameter name. `weights` is an iterable of
+        (name, tensor) pairs, typically a generator that gathers one parameter (or bucket) at a time: the engine
+        consumes it once, to the end, in memory (no file, never the whole model a second time). Tensors arrive cast
+        to the engine's dtype. A Mapping also works (`weights_items`). The native engine takes any subset; vLLM
+        needs every tensor of each layer it updates, so send the full model."""
 
     @abstractmethod
     def update_adapter(self, name: str, tensors: Mapping[str, torch.Tensor], config) -> None:
         """Serve LoRA adapter `name` with `tensors` in peft's saved naming (`base_model.model.<module>.lora_A.weight`)
-        and `config` (a peft LoraConfig); later `generate(..., lora=name)` uses it. Called again, it replaces it."""
+        and `config` (a peft LoraConfig), in memory (no folder); later `generate(..., lora=name)` uses it. Called
+        again, it replaces it."""
 
-    def release(self) -> None:
-        """Give accelerator memory back until `resume` (no-op where there is nothing to give back)."""
+    @abstractmethod
+    def sleep(self) -> None:
+        """Give the engine's memory back until `wake_up`: its KV cache (freed) and, where the backend can, its
+        weights (vLLM on GPU: sleep mode level 1 moves them to host memory). Idempotent."""
 
-    def resume(self) -> None:
-        """Undo `release` before the next `generate` or `update_weights`."""
+    @abstractmethod
+    def wake_up(self, tags: Iterable[str] = WAKE_TAGS) -> None:
+        """Undo `sleep` for `tags` (a subset of WAKE_TAGS), weights before the KV cache: the trainer syncs weights
+        in between, so the KV cache is not yet allocated while two copies of a tensor may exist. Idempotent."""
+
+
+def wake_order(tags: Iterable[str]) -> list[str]:
+    """`tags` in the order they wake (weights first); an unknown tag is refused by name."""
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    unknown = sorted(set(tags) - set(WAKE_TAGS))
+    if unknown:
+        raise ValueError(f"wake_up: unknown tags {unknown}; known: {', '.join(WAKE_TAGS)}")
+    return [tag for tag in WAKE_TAGS if tag in tags]
 
 
 def check_latent_override(engine: RolloutEngine, params: SamplingParams) -> None:

@@ -11,6 +11,7 @@ itself (test-time latent optimisation), and `SamplingParams.latent_override` rep
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,8 @@ from common.checkpoint_layout import PEFT_PREFIX
 from common.padding import left_pad, left_pad_mask
 from monet_models.latent_tokens import LatentTokens, noise_scale
 from workers.rollout.kv_cache import RolloutCache
-from workers.rollout.base import (LATENT_OVERRIDES, PromptInput, RolloutEngine, RolloutSample, SamplingParams,
-                                  weights_items)
+from workers.rollout.base import (LATENT_OVERRIDES, WAKE_TAGS, PromptInput, RolloutEngine, RolloutSample,
+                                  SamplingParams, wake_order, weights_items)
 from workers.rollout.latent_state import LatentLayout, LatentStates
 from workers.rollout.records import RolloutRecorder
 from workers.rollout.sampling import LatentNoise, Sampler, base_seed, log_probs_of, make_generator
@@ -101,6 +102,10 @@ class NativeRolloutEngine(RolloutEngine):
 
     max_batch_prompts bounds memory (prompts decoded together; their n samples share the batch);
     compact_fraction is the share of finished rows that triggers compaction.
+
+    Memory between calls: the KV caches live only inside a `generate` call (one `RolloutCache` per chunk, reserved
+    for the response at prefill), so `sleep` has no cache to drop; it makes sure none survives (a reference cycle
+    would keep one until the next garbage collection) and, on a GPU, moves the weights to host memory.
     """
 
     latent_overrides = LATENT_OVERRIDES
@@ -119,6 +124,8 @@ class NativeRolloutEngine(RolloutEngine):
         self._ready_mask = (model.config._attn_implementation == "sdpa"
                             and not getattr(language_model, "has_sliding_layers", False))
         self.stats: dict[str, int] = {}  # of the last generate: decode forwards, rows x forwards, compactions
+        self.home_device = self.device  # where the weights compute; sleep moves them off a GPU
+        self.asleep: set[str] = set()  # WAKE_TAGS that sleep
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +144,7 @@ class NativeRolloutEngine(RolloutEngine):
     def generate(self, prompts: list[PromptInput], params: SamplingParams, lora: str | None = None
                  ) -> list[RolloutSample]:
         """`lora` names a PEFT adapter already loaded into the model (None = the model as it is)."""
+        self._check_awake()
         if params.given_latents is not None and len(params.given_latents) != len(prompts) * params.n:
             raise ValueError(f"given_latents has {len(params.given_latents)} entries for {len(prompts) * params.n} "
                              "requests (prompts x n)")
@@ -155,6 +163,7 @@ class NativeRolloutEngine(RolloutEngine):
         if params.repetition_penalty != 1.0 or (given is not None and len(given) != params.n):
             raise ValueError("continue_from: no repetition penalty (the context ids are not kept), and given_latents "
                              "needs one entry per sample")
+        self._check_awake()
         with self._session(params, None) as (generator, seed):
             layout = self.layout(params)
             return self._decode_batch(self._continued(start, params, layout), params, layout, generator, seed, 0)
@@ -189,23 +198,48 @@ class NativeRolloutEngine(RolloutEngine):
                 layer.set_adapter(lora)
 
     def update_adapter(self, name: str, tensors, config=None) -> None:
-        """Copy peft-named LoRA tensors into adapter `name` (already injected into the model, see apply_lora)."""
+        """Copy peft-named LoRA tensors (a Mapping or (name, tensor) pairs) into adapter `name` (already injected into
+        the model, see apply_lora), in memory."""
         self._lora_layers(name)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for key, value in tensors.items():
+            for key, value in weights_items(tensors):
                 target = key.removeprefix(PEFT_PREFIX).replace(".lora_A.", f".lora_A.{name}.").replace(
                     ".lora_B.", f".lora_B.{name}.")
                 if target not in params:
                     raise KeyError(f"update_adapter: the model has no LoRA parameter {target}")
-                params[target].copy_(value)
+                _copy_into(params[target], value, target)
 
     def update_weights(self, weights) -> None:
-        """Copy new weights (HF names; a state dict or (name, tensor) pairs, possibly a subset) into the model."""
-        state = dict(weights_items(weights))
-        unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
-        if unexpected:
-            raise KeyError(f"update_weights: the model has no parameters named {sorted(unexpected)[:5]}")
+        """Copy new weights (HF names; (name, tensor) pairs or a state dict, possibly a subset) into the model's own
+        tensors one at a time, as the iterator yields them: no second state dict is built."""
+        targets = self.model.state_dict(keep_vars=True)  # names -> the live parameters and buffers (tied: both names)
+        with torch.no_grad():
+            for name, value in weights_items(weights):
+                if name not in targets:
+                    raise KeyError(f"update_weights: the model has no parameters named {name}")
+                _copy_into(targets[name], value, name)
+
+    # ---- memory between generation phases ------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Free what generation holds and, on a GPU, move the weights to host memory (CPU: they stay, being the
+        engine's own copy). Idempotent; `generate` refuses to run until `wake_up`."""
+        if "weights" not in self.asleep and self.home_device.type != "cpu":
+            self.model.to("cpu")
+        self.asleep.update(WAKE_TAGS)
+        gc.collect()  # a decode's cache caught in a reference cycle would otherwise outlive the phase
+
+    def wake_up(self, tags=WAKE_TAGS) -> None:
+        """Weights back to their device; the KV cache needs nothing (each `generate` reserves its own)."""
+        for tag in wake_order(tags):
+            if tag == "weights" and "weights" in self.asleep and self.home_device.type != "cpu":
+                self.model.to(self.home_device)
+            self.asleep.discard(tag)
+
+    def _check_awake(self) -> None:
+        if self.asleep:
+            raise RuntimeError(f"the native engine's {' and '.join(sorted(self.asleep))} sleep: call wake_up() before "
+                               "generating")
 
     def layout(self, params: SamplingParams) -> LatentLayout:
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -359,3 +393,11 @@ class NativeRolloutEngine(RolloutEngine):
                          past_key_values=batch.cache, use_cache=True, latent_mode=True)
         batch.hidden = out.hidden_states[:, -1]
         batch.logits = out.logits[:, -1].float()
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    """Copy `value` into `target` in place (cast to its dtype and device); a shape mismatch is refused by name
+    (copy_ would broadcast a (1, D) row over a (V, D) matrix silently)."""
+    if target.shape != value.shape:
+        raise ValueError(f"weights for {name}: shape {tuple(value.shape)}, the engine's is {tuple(target.shape)}")
+    target.copy_(value)

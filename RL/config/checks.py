@@ -115,7 +115,20 @@ def _check_actor(cfg: RootConfig) -> Iterator[str]:
                        ("worker.ref.monet_rl_sigma", cfg.worker.ref.monet_rl_sigma)):
         if not sigma > 0:
             yield f"{key}: the latent policy std must be > 0, got {sigma}"
+    yield from _check_micro_batching(actor, data)
     yield from _check_optim(actor)
+
+
+def _check_micro_batching(actor: ActorConfig, data: DataConfig) -> Iterator[str]:
+    if actor.logprob_chunk_size < 0:
+        yield f"worker.actor.logprob_chunk_size: must be >= 0 (0 = unchunked), got {actor.logprob_chunk_size}"
+    if not actor.dynamic_batching:
+        return
+    longest = data.max_prompt_length + data.max_response_length
+    for key in ("ppo_max_token_len_per_gpu", "log_prob_max_token_len_per_gpu"):
+        if getattr(actor, key) < longest:
+            yield (f"worker.actor.{key}: a micro-batch must hold the longest sequence, data.max_prompt_length + "
+                   f"data.max_response_length = {longest} tokens, got {getattr(actor, key)}")
 
 
 def _check_optim(actor: ActorConfig) -> Iterator[str]:
@@ -147,12 +160,18 @@ def _check_rollout(cfg: RootConfig) -> Iterator[str]:
         yield f"worker.rollout.monet.latent_noise_std: must be >= 0, got {rollout.monet.latent_noise_std}"
     if not 0 < rollout.gpu_memory_utilization <= 1:
         yield f"worker.rollout.gpu_memory_utilization: must be in (0, 1], got {rollout.gpu_memory_utilization}"
+    if rollout.sync_bucket_mb < 0:
+        yield f"worker.rollout.sync_bucket_mb: must be >= 0 (0: one parameter at a time), got {rollout.sync_bucket_mb}"
     if rollout.cpu_kvcache_space_gb < 0:
         yield ("worker.rollout.cpu_kvcache_space_gb: must be >= 0 (0: what the batch needs), "
                f"got {rollout.cpu_kvcache_space_gb}")
     if rollout.tensor_parallel_size < 1 or cfg.trainer.n_gpus_per_node % rollout.tensor_parallel_size:
         yield (f"worker.rollout.tensor_parallel_size, trainer.n_gpus_per_node: tensor_parallel_size "
                f"({rollout.tensor_parallel_size}) must divide n_gpus_per_node ({cfg.trainer.n_gpus_per_node})")
+    if rollout.tensor_parallel_size > 1 and rollout.name == "native":
+        yield (f"worker.rollout.tensor_parallel_size, worker.rollout.name: tensor parallelism "
+               f"({rollout.tensor_parallel_size}) is vLLM's; the native engine holds the whole model on every rank. "
+               "Set worker.rollout.name=vllm or tensor_parallel_size=1")
     unknown = sorted(set(rollout.val_override_config) - set(VAL_OVERRIDABLE))
     if unknown:
         yield f"worker.rollout.val_override_config: unknown keys {unknown}; allowed: {', '.join(VAL_OVERRIDABLE)}"
@@ -252,6 +271,11 @@ def _check_trainer(cfg: RootConfig) -> Iterator[str]:
             yield f"trainer.{key}: must be >= 1, got {getattr(trainer, key)}"
     if trainer.placement_timeout_s <= 0:
         yield f"trainer.placement_timeout_s: must be > 0 seconds, got {trainer.placement_timeout_s}"
+    if not (trainer.device_memory_gb > 0 or trainer.device_memory_gb in (0, -1)):
+        yield (f"trainer.device_memory_gb: GiB per device (> 0), 0 = detect, -1 = no memory check; got "
+               f"{trainer.device_memory_gb}")
+    if trainer.dist_timeout_s <= 0:
+        yield f"trainer.dist_timeout_s: must be > 0 seconds, got {trainer.dist_timeout_s}"
     if trainer.max_restarts < 0:
         yield f"trainer.max_restarts: must be >= 0, got {trainer.max_restarts}"
     if trainer.max_steps is not None and trainer.max_steps < 1:

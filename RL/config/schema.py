@@ -108,6 +108,15 @@ class ActorConfig:
     monet_rl_sigma: float = 10.0  # std of the latent Gaussian policy
     latent_logprob_scale: str = "none"  # none | dim (divide the latent log-density by the hidden size)
     padding_free: bool = True
+    # positions whose full-vocabulary rows exist at once when computing token log-probs (from the final hidden
+    # states through lm_head, recomputed per chunk in the backward): memory ~ chunk x vocab, not tokens x vocab;
+    # 0 = all positions at once
+    logprob_chunk_size: int = 1024
+    # micro-batches of consecutive samples holding at most a token budget (prompt + response tokens when
+    # padding_free, else the padded width) instead of a fixed number of samples; EasyR1's key, verl's budgets below
+    dynamic_batching: bool = False
+    ppo_max_token_len_per_gpu: int = 16384  # with dynamic_batching: tokens per update micro-batch on one device
+    log_prob_max_token_len_per_gpu: int = 32768  # with dynamic_batching: tokens per old/reference log-prob micro-batch
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -144,12 +153,17 @@ class RolloutConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 16384
     enable_chunked_prefill: bool = False
+    # vLLM: ranks per tensor-parallel group (consecutive ranks of the worker group; a group's ranks generate their
+    # prompts together); must divide trainer.n_gpus_per_node. The native engine has none: 1
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
     limit_images: int = 4  # max images per prompt for the engine; 0 = no limit
     block_size: int = 0  # vLLM KV-cache block in tokens; 0 = vLLM's default (on CPU 128; a multiple of 32 there)
     cpu_kvcache_space_gb: float = 0.0  # vLLM on CPU: KV cache GiB; 0 = VLLM_CPU_KVCACHE_SPACE, else what the batch needs (>= 1)
     repetition_penalty: float = 1.0
+    # weight sync into the engine: MB of parameters whose all-gathers are issued together before they are handed over
+    # one by one (fewer waits; a bucket's full tensors exist at once); 0 = one parameter at a time
+    sync_bucket_mb: float = 0.0
     val_override_config: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1, "n": 1})
     # derived from data.*
     prompt_length: int = derived(0, "data.max_prompt_length")
@@ -217,6 +231,12 @@ class TrainerConfig:
     resume: bool = True  # continue from the newest complete checkpoint of the run
     seed: int = 1
     placement_timeout_s: float = 120.0  # wait this long for the cluster to hold every worker, then say what is missing
+    # GiB per device the start-up memory plan must fit (RL/memory_plan.py, docs/scale.md); 0 = the driver's GPU, else
+    # (a local CPU run) host memory per rank; -1 = no check
+    device_memory_gb: float = 0.0
+    # a collective between workers that waits longer fails (a dead or hung rank) instead of hanging the run; raise it
+    # when one rank can legitimately wait that long for another (e.g. a much longer rollout share)
+    dist_timeout_s: float = 600.0
     max_restarts: int = 0  # after a lost worker or node: restart the workers from the newest checkpoint, up to N times
     # derived
     run_dir: str = derived("", "trainer.save_dir / trainer.experiment_name")

@@ -32,6 +32,7 @@ class LatentRecord:
     args: LatentRequestArgs
     outputs: list[int]  # vLLM's live list of this request's output tokens
     generator: torch.Generator | None
+    row: int | None  # its row of the latent side buffer while it is in the batch (LatentChannel.acquire)
     seen: int = 0
     count: int = TEXT
     pending: int | None = None  # row of the last step's log-prob table, for a sampled token not yet seen
@@ -39,10 +40,12 @@ class LatentRecord:
     log_probs: list[float] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list)
 
-    def to_plain(self) -> dict:
-        """Plain lists: what survives vLLM's RPC transport intact."""
-        latents = torch.stack(self.latents).float().cpu().tolist() if self.latents else []
-        return {"log_probs": self.log_probs, "latents": latents, "open_block": self.count != TEXT}
+    def result(self) -> dict:
+        """Tensors for the rollout engine (in the same process: vLLM's in-process engine hands them over as they
+        are): fp32 log-probs (T,), fp32 CPU latents (num_latents, D) or None, and whether a block is still open."""
+        latents = torch.stack(self.latents).float().cpu() if self.latents else None
+        return {"log_probs": torch.tensor(self.log_probs, dtype=torch.float32), "latents": latents,
+                "open_block": self.count != TEXT}
 
 
 class LatentBlockLogitsProcessor(LogitsProcessor):
@@ -87,7 +90,11 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
 
     def _leave(self, index: int) -> None:
         record = self.rows.pop(index, None)
-        if record is not None and not record.collected:
+        if record is None:
+            return
+        self.channel.release(record.row)
+        record.row = None
+        if not record.collected:
             self.finished[record.args.key] = record
 
     def _admit(self, args: LatentRequestArgs, outputs: list[int]) -> LatentRecord:
@@ -96,12 +103,12 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
             if record is None or record.latents:
                 raise RuntimeError(f"latent request {args.key} was preempted and would be recomputed, which cannot "
                                    "reproduce its latents: give the engine more KV cache or fewer sequences")
-            record.outputs = outputs
+            record.outputs, record.row = outputs, self.channel.acquire()
             return record
         generator = None
         if args.noise_std > 0:
             generator = torch.Generator().manual_seed(args.noise_seed)
-        return LatentRecord(args, outputs, generator)
+        return LatentRecord(args, outputs, generator, self.channel.acquire())
 
     def _catch_up(self, records: list[LatentRecord]) -> None:
         """Read the tokens vLLM appended since the last step and advance each request's block state."""
@@ -187,7 +194,8 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
             latents = latents + eps.to(latents.device)
         for (_, record), latent in zip(placing, latents):
             record.latents.append(latent)
-        channel.write(channel.last_slots[rows.to(channel.last_slots.device)], latents)
+        own_rows = torch.tensor([r.row for _, r in placing])
+        channel.write(own_rows, channel.last_slots[rows.to(channel.last_slots.device)], latents)
 
     # ------------------------------------------------------------------------------------------- helpers
     @property
@@ -208,7 +216,7 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
         return self._text_bias
 
     def collect(self, keys: list[str]) -> dict[str, dict]:
-        """Plain records of the given requests (finished or still in the batch); they are forgotten here."""
+        """`LatentRecord.result` of the given requests (finished or still in the batch); they are forgotten here."""
         self._catch_up(list(self.rows.values()))
         live = {r.args.key: r for r in self.rows.values()}
         out = {}
@@ -217,5 +225,5 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
             if record is None:
                 raise KeyError(f"no latent record for request {key}")
             record.collected = True
-            out[key] = record.to_plain()
+            out[key] = record.result()
         return out

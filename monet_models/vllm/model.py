@@ -55,7 +55,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer,
                                                   trust_remote_code=model_config.trust_remote_code)
         self.latent_channel = LatentChannel(LatentTokens.from_tokenizer(tokenizer), len(tokenizer),
-                                            self.config.text_config.hidden_size, model_config.dtype)
+                                            self.config.text_config.hidden_size, model_config.dtype,
+                                            vllm_config.scheduler_config.max_num_seqs)
         LatentChannel.publish(self.latent_channel)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):

@@ -1,7 +1,7 @@
 """What a rollout request tells the latent logits processor, carried in vLLM's `SamplingParams.extra_args`.
 
 Only requests that carry these arguments are touched by the plugin, so one engine can also serve plain requests.
-Plain Python values only: extra_args cross vLLM's process boundary as MessagePack.
+Plain Python values only: what vLLM's `extra_args` accepts (a multiprocess vLLM engine sends them as MessagePack).
 """
 from __future__ import annotations
 

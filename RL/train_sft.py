@@ -133,7 +133,8 @@ def run_sft(config) -> Path:
     if finished(config):
         print(f"run {config.trainer.experiment_name} is complete; raise sft.steps to continue")
     else:
-        preflight(config, (MODEL_KEY, "sft.teacher_path") if teacher_needed(config) else (MODEL_KEY,))
+        models = (MODEL_KEY, "sft.teacher_path") if teacher_needed(config) else (MODEL_KEY,)
+        preflight(config, models, roles=("actor",))  # SFT starts neither an engine nor a reference
         trainer = build_trainer(config)
         try:
             trainer.fit()

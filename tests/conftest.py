@@ -25,6 +25,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def process_group():
+    """A torch.distributed world of one (gloo, a free loopback port) in the test process, for FSDP2 models built
+    in-process; destroyed after the module."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
     """A module's tests share the local Ray cluster the first of them starts; it is shut down with the module."""

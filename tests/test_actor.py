@@ -1,10 +1,8 @@
 """The FSDP2 policy in one process (a world of one, gloo): log-probs agree with the rollout, bad steps are skipped,
 and the loss is the exact global mean however the batch is cut into micro-batches."""
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from RL.config import load_config
 from RL.trainer.rollout_batch import build_rollout_batch
@@ -15,16 +13,6 @@ from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel
 from workers.actor.updates import ppo_update
 from workers.rollout import NativeRolloutEngine, PromptInput, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

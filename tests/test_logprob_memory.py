@@ -170,16 +170,6 @@ def test_config_refuses_a_budget_below_the_longest_sequence():
 
 # ---- the real update in one process (FSDP2 over a gloo world of one) ---------------------------------------------
 @pytest.fixture(scope="module")
-def process_group():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
 def actor_and_batch(process_group, tiny_model_dir, toy_data_dir):
     """The tiny actor and a scored batch of four rollouts of different lengths (latent blocks included)."""
     from RL.trainer.rollout_batch import build_rollout_batch

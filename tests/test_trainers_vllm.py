@@ -52,7 +52,7 @@ def test_self_evolution_serves_both_adapters_from_one_vllm_engine(selfplay_model
         # the EMA baseline starts at 0, so step 1 has non-zero advantages for both roles even when GRPO groups tie
         "self_evolution.advantage": "ema_baseline"}))
     try:
-        trainer.resume()  # no checkpoint: the engine receives both initial adapters
+        trainer.resume()  # no checkpoint: the first generation phase gives the engine both initial adapters
         for step in (1, 2):
             trainer.step = step
             metrics = trainer.train_step(step)

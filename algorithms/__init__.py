@@ -1,10 +1,13 @@
-"""RL algorithm pieces as pure torch functions: advantages, PPO policy loss, KL, loss aggregation."""
+"""RL algorithm pieces as pure torch functions: advantages, policy and value losses, entropy, KL, loss aggregation."""
 from .advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
     ema_baseline,
+    gae,
     grpo,
+    grpo_passk,
     reinforce_plus_plus,
+    remax,
     rloo,
     token_level_rewards,
 )
@@ -23,12 +26,15 @@ from .kl import (
     make_kl_controller,
     with_exact_latent_kl,
 )
-from .policy_loss import compute_policy_loss
+from .entropy import chunked_entropy, next_token_entropy
+from .policy_loss import LOSS_TYPES, compute_policy_loss
+from .value_loss import compute_value_loss
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "compute_advantages", "ema_baseline", "grpo", "rloo", "reinforce_plus_plus", "token_level_rewards",
+    "ADVANTAGE_ESTIMATORS", "compute_advantages", "ema_baseline", "gae", "grpo", "grpo_passk", "remax", "rloo",
+    "reinforce_plus_plus", "token_level_rewards",
     "LOSS_AGG_MODES", "aggregate_loss", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "KL_ESTIMATORS", "compute_kl", "kl_k1", "kl_abs", "kl_mse", "kl_low_var", "gaussian_kl", "with_exact_latent_kl",
     "FixedKLController", "AdaptiveKLController", "ExponentialKLController", "make_kl_controller",
-    "compute_policy_loss",
+    "LOSS_TYPES", "compute_policy_loss", "compute_value_loss", "chunked_entropy", "next_token_entropy",
 ]

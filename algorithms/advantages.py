@@ -5,8 +5,9 @@ returns `(advantages, returns)`, both (B, T), zero outside the mask. Sequence-le
 every response position, text tokens and latent positions alike, so the latent Gaussian log-densities are pushed
 by the same signal as the words around them.
 
-Optional KL-in-reward (`kl`, `kl_coef`): the per-token reward is the score at the last response position minus
-kl_coef·kl at every response position, and a sample's score is the sum of its token rewards (EasyR1: s_i = Σ_t r_it).
+GAE (`gae`) takes the critic's per-position values and is token-level; ReMax (`remax`) takes each sample's
+greedy baseline reward. Optional KL-in-reward (`kl`, `kl_coef`): the per-token reward is the score at the last
+response position minus kl_coef·kl at every response position, and a sample's score is the sum of its token rewards (EasyR1: s_i = Σ_t r_it).
 VLPO uses a KL loss instead, so this is off by default.
 """
 from __future__ import annotations
@@ -149,10 +150,85 @@ def ema_baseline(scores, response_mask: torch.Tensor, baseline: float,
     return adv, ret, float(baseline)
 
 
+@torch.no_grad()
+def grpo_passk(scores, response_mask: torch.Tensor, group_ids, eps: float = GROUP_EPS,
+               kl: Optional[torch.Tensor] = None, kl_coef: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GRPO pass@k (EasyR1's `grpo_passk`, arXiv 2503.19595): only the best sample of a group is pushed, by
+    (s_max − s_second)/(std_g + eps); every other sample gets 0.
+
+    Pass@k rewards a group for its best answer, so only the sample that set it is credited, and only by its margin
+    over the runner-up (a tie gives 0). Ties for the best go to the first sample in batch order.
+    """
+    s = _sample_scores(scores, response_mask, kl, kl_coef)
+    index, n_groups = _group_index(group_ids, s.shape[0], s.device)
+    adv = torch.zeros_like(s)
+    for group in range(n_groups):
+        rows = (index == group).nonzero().squeeze(-1)
+        if rows.numel() < 2:
+            continue
+        values = s[rows]
+        best = int(values.argmax())  # the first maximum
+        runner_up = values.topk(2).values[1]
+        adv[rows[best]] = (values[best] - runner_up) / (values.std() + eps)
+    return _broadcast(adv, response_mask)
+
+
+@torch.no_grad()
+def remax(scores, response_mask: torch.Tensor, group_ids=None, reward_baselines=None,
+          kl: Optional[torch.Tensor] = None, kl_coef: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ReMax (EasyR1's `remax`, arXiv 2310.10505): A_i = s_i − b_i, b_i the reward of one greedy rollout of the
+    same prompt (`reward_baselines`, (B,), one per sample).
+
+    The greedy answer is what the policy would say without exploring, so a sample is pushed up exactly when it beats
+    it; no critic and no group are needed. Returns are EasyR1's: the reward-to-go of the token rewards.
+    """
+    if reward_baselines is None:
+        raise ValueError("remax needs reward_baselines: the reward of a greedy rollout of each sample's prompt")
+    s = _sample_scores(scores, response_mask, kl, kl_coef)
+    baselines = _as_scores(reward_baselines, response_mask).to(s.dtype)
+    advantages, _ = _broadcast(s - baselines, response_mask)
+    rewards = token_level_rewards(scores, response_mask, kl, kl_coef if kl is not None else 0.0)
+    returns = (rewards * response_mask.to(rewards.dtype)).flip(-1).cumsum(-1).flip(-1)
+    return advantages, returns
+
+
+@torch.no_grad()
+def gae(scores, response_mask: torch.Tensor, group_ids=None, values: Optional[torch.Tensor] = None,
+        gamma: float = 1.0, lam: float = 1.0, kl: Optional[torch.Tensor] = None,
+        kl_coef: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GAE with a critic (EasyR1's `gae`): δ_t = r_t + γ·V_next − V_t, A_t = δ_t + γλ·A_next over the response's
+    decisions, returns R_t = A_t + V_t (the critic's targets), advantages whitened over the batch's masked positions.
+
+    `values` (B, T) are the critic's V(s_t) for the state before each response position. Positions whose mask is 0
+    inside the response (a forced `</abs_vis_token>`: not a decision) are skipped: they pass V_next and A_next
+    through unchanged, as EasyR1/verl skip observation tokens. A latent step is a decision like a token (an action
+    with a Gaussian log-likelihood), so it gets its own V, TD error and one step of discount (docs/design.md, §4).
+    The recursion is per row (verl's form); EasyR1's `if response_mask[:, t]` is the same rule for one row.
+    """
+    if values is None:
+        raise ValueError("gae needs the critic's values (worker.critic)")
+    rewards = token_level_rewards(scores, response_mask, kl, kl_coef if kl is not None else 0.0)
+    mask = response_mask.to(rewards.dtype)
+    values = values.to(rewards.device, rewards.dtype) * mask
+    next_value, running = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        decision = mask[:, t] > 0
+        next_value = torch.where(decision, values[:, t], next_value)
+        running = torch.where(decision, delta + gamma * lam * running, running)
+        advantages[:, t] = running
+    returns = (advantages + values) * mask
+    return masked_whiten(advantages, response_mask) * mask, returns
+
+
 ADVANTAGE_ESTIMATORS: Dict[str, Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = {
+    "gae": gae,
     "grpo": grpo,
-    "rloo": rloo,
+    "grpo_passk": grpo_passk,
     "reinforce_plus_plus": reinforce_plus_plus,
+    "remax": remax,
+    "rloo": rloo,
 }
 
 

@@ -1,6 +1,7 @@
 """KL estimators against the reference policy, the exact KL at latent positions, and KL-coefficient controllers.
 
-Text positions: the estimators act on per-position log-probs of the sampled token. Latent positions: both policies
+Text positions: the estimators act on per-position log-probs of the sampled token (`full_vocab_kl` takes whole
+distributions instead, for self-evolution's released KL). Latent positions: both policies
 are isotropic Gaussians whose means are known, so the KL is taken in closed form (`gaussian_kl`) instead of being
 estimated from the one recorded latent. A one-sample log-ratio there carries D·log(σ/σ_ref) (378 at D = 3584, σ = 10,
 σ_ref = 9), far past low_var_kl's ±20 clamp, which left the latent KL at a constant with zero gradient.
@@ -61,6 +62,17 @@ def compute_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_penalty:
             f"unknown KL estimator {kl_penalty!r} (algorithm.kl_penalty); choose one of {', '.join(KL_ESTIMATORS)}"
         ) from None
     return estimator(log_probs, ref_log_probs)
+
+
+def full_vocab_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """The exact KL(π‖π_ref) per position from full log-distributions (…, V): Σ_v π(v)·(log π(v) − log π_ref(v)).
+
+    What the released iReasoner adds to its loss (self_evolution.kl=full): no sampling noise and ≥ 0 at every
+    position, at the price of the reference's whole distribution where the estimators need one log-prob. Its gradient
+    flows through π only (the reference is detached by its caller). fp32.
+    """
+    log_probs, ref_log_probs = log_probs.float(), ref_log_probs.float()
+    return (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1)
 
 
 def gaussian_kl(means: torch.Tensor, ref_means: torch.Tensor, sigma: float, ref_sigma: float) -> torch.Tensor:

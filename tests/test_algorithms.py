@@ -10,9 +10,11 @@ from algorithms import (
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
+    chunked_entropy,
     compute_advantages,
     compute_kl,
     compute_policy_loss,
+    compute_value_loss,
     make_kl_controller,
     masked_mean,
     masked_whiten,
@@ -90,11 +92,15 @@ def test_token_level_rewards_last_position():
 
 
 def test_unknown_estimator_and_bad_shapes():
-    with pytest.raises(ValueError, match="unknown advantage estimator 'gae'"):
-        compute_advantages("gae", [1.0], torch.ones(1, 2), [0])
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        compute_advantages("ppo", [1.0], torch.ones(1, 2), [0])
     with pytest.raises(ValueError, match="group_ids"):
         compute_advantages("grpo", [1.0, 2.0], torch.ones(2, 2), [0])
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "rloo", "reinforce_plus_plus"}
+    with pytest.raises(ValueError, match="critic's values"):
+        compute_advantages("gae", [1.0], torch.ones(1, 2), [0])
+    with pytest.raises(ValueError, match="reward_baselines"):
+        compute_advantages("remax", [1.0], torch.ones(1, 2), [0])
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "grpo_passk", "remax", "rloo", "reinforce_plus_plus"}
 
 
 # ---------------------------------------------------------------- policy loss
@@ -266,3 +272,138 @@ def test_masked_mean_ignores_nan_outside_mask_and_whiten():
     assert torch.allclose(masked_mean(values, mask, dim=-1), torch.tensor([1.0, 4.0]))
     w = masked_whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert torch.allclose(w[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)
+
+
+# ---------------------------------------------------------------- EasyR1's other estimators, value loss, loss types
+# Held out: each expected value is written here from EasyR1's formulas (verl/trainer/core_algos.py) in plain
+# Python over lists, never by calling this project's code.
+
+def _easyr1_gae_row(rewards, values, mask, gamma, lam):
+    """EasyR1's compute_gae_advantage_return for one row (its `if response_mask[:, t]` is only defined for one row):
+    masked-out positions pass the next value and the running advantage through. Returns (raw advantages, returns)."""
+    next_value, last, out = 0.0, 0.0, []
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_value - values[t]
+        candidate = delta + gamma * lam * last
+        if mask[t]:
+            next_value, last = values[t], candidate
+        out.append(last)
+    advantages = out[::-1]
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+def _whiten(rows, masks):
+    """verl's masked_whiten: (x − mean)·rsqrt(unbiased var + 1e-8) over all masked entries."""
+    flat = [x for row, mask in zip(rows, masks) for x, m in zip(row, mask) if m]
+    mean = sum(flat) / len(flat)
+    var = sum((x - mean) ** 2 for x in flat) / (len(flat) - 1)
+    return [[(x - mean) / math.sqrt(var + 1e-8) for x in row] for row in rows]
+
+
+def test_gae_matches_easyr1_formula_with_a_skipped_forced_end_token_and_kl_in_reward():
+    torch.manual_seed(0)
+    masks = [[1, 1, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]  # row 0: a forced </abs_vis_token> at 2
+    scores, gamma, lam, kl_coef = [1.0, -0.5, 0.25], 0.9, 0.8, 0.1
+    values = torch.randn(3, 6, dtype=torch.float64)
+    kl = torch.rand(3, 6, dtype=torch.float64)
+    adv, ret = compute_advantages("gae", torch.tensor(scores, dtype=torch.float64), torch.tensor(masks).double(),
+                                  ["a", "b", "c"], values=values, gamma=gamma, lam=lam, kl=kl, kl_coef=kl_coef)
+    raw, expected_returns = [], []
+    for row, mask in enumerate(masks):
+        last = max(t for t, m in enumerate(mask) if m)
+        rewards = [(scores[row] if t == last else 0.0) * mask[t] - kl_coef * kl[row, t].item() * mask[t]
+                   for t in range(6)]
+        row_values = [values[row, t].item() * mask[t] for t in range(6)]  # EasyR1's values are masked
+        a, r = _easyr1_gae_row(rewards, row_values, mask, gamma, lam)
+        raw.append(a)
+        expected_returns.append([x * m for x, m in zip(r, mask)])
+    expected = [[x * m for x, m in zip(row, mask)] for row, mask in zip(_whiten(raw, masks), masks)]
+    assert torch.allclose(adv, torch.tensor(expected, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(ret, torch.tensor(expected_returns, dtype=torch.float64), atol=1e-9)
+    # the forced end token is transparent: position 1's TD error looks through it to position 3's value
+    assert raw[0][1] == pytest.approx(-kl_coef * kl[0, 1].item() + gamma * values[0, 3].item() - values[0, 1].item()
+                                      + gamma * lam * raw[0][3], abs=1e-12)
+
+
+def test_value_loss_matches_easyr1_clipped_formula():
+    torch.manual_seed(1)
+    new, returns, old = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64), \
+        torch.randn(2, 5, dtype=torch.float64)
+    mask = _mask([5, 3], 5).double()
+    clip = 0.3
+    per_token, metrics = compute_value_loss(new, returns, old, mask, clip)
+    total, count, clipped, vsum = 0.0, 0, 0, 0.0
+    for i in range(2):
+        for t in range(5):
+            if not mask[i, t]:
+                continue
+            v, r, o = new[i, t].item(), returns[i, t].item(), old[i, t].item()
+            v_clip = min(max(v, o - clip), o + clip)
+            loss1, loss2 = (v - r) ** 2, (v_clip - r) ** 2
+            total, count = total + max(loss1, loss2), count + 1
+            clipped += loss1 < loss2
+            vsum += v
+    assert float(aggregate_loss(per_token, mask, "token-mean")) == pytest.approx(0.5 * total / count, abs=1e-9)
+    assert metrics["vf_clipfrac"] == pytest.approx(clipped / count) and 0 < clipped < count
+    assert metrics["vpred_mean"] == pytest.approx(vsum / count)
+    assert torch.all(per_token[mask == 0] == 0)
+
+
+def test_remax_and_grpo_passk_match_easyr1():
+    mask = _mask([3, 2, 4, 1], 4)
+    scores, baselines = [1.0, 0.2, 0.7, 0.0], [0.5, 0.5, 0.9, 0.9]  # baseline: the prompt's greedy reward
+    adv, ret = compute_advantages("remax", scores, mask, ["a", "a", "b", "b"], reward_baselines=baselines)
+    expected_adv = [[(s - b) * m for m in row] for s, b, row in zip(scores, baselines, mask.tolist())]
+    last = [2, 1, 3, 0]
+    expected_ret = [[s if t <= last[i] else 0.0 for t in range(4)] for i, s in enumerate(scores)]  # reward-to-go
+    assert torch.allclose(adv, torch.tensor(expected_adv)) and torch.allclose(ret, torch.tensor(expected_ret))
+
+    group = [0.2, 0.9, 0.5, 0.9, 0.1, 0.6]  # two of a group tie for the best: the runner-up equals it
+    adv, _ = compute_advantages("grpo_passk", group, torch.ones(6, 2), ["a", "a", "a", "b", "b", "b"])
+    std_b = float(np.std([0.9, 0.1, 0.6], ddof=1))
+    expected = [0.0, (0.9 - 0.5) / (float(np.std([0.2, 0.9, 0.5], ddof=1)) + 1e-6), 0.0,
+                (0.9 - 0.6) / (std_b + 1e-6), 0.0, 0.0]
+    assert torch.allclose(adv[:, 0], torch.tensor(expected), atol=1e-6)
+    adv, _ = compute_advantages("grpo_passk", [1.0, 1.0, 0.0], torch.ones(3, 2), ["a"] * 3)
+    assert torch.all(adv == 0)  # a tie at the top: no margin
+
+
+def test_policy_loss_types_match_easyr1_formulas():
+    torch.manual_seed(2)
+    logp, old, adv = torch.randn(2, 4, dtype=torch.float64) * 0.3, torch.randn(2, 4, dtype=torch.float64) * 0.3, \
+        torch.randn(2, 4, dtype=torch.float64)
+    mask = _mask([4, 3], 4).double()
+    lo, hi = 0.2, 0.3
+    for loss_type in ("gspo", "cispo", "sapo"):
+        loss, _ = compute_policy_loss(logp, old, adv, mask, lo, hi, 3.0, loss_type, 1.0, 1.05)
+        for i in range(2):
+            seq = sum((logp[i, t] - old[i, t]).item() for t in range(4) if mask[i, t]) / mask[i].sum().item()
+            for t in range(4):
+                if not mask[i, t]:
+                    assert loss[i, t] == 0
+                    continue
+                a, lr = adv[i, t].item(), (logp[i, t] - old[i, t]).item()
+                ratio = math.exp(seq if loss_type == "gspo" else lr)
+                clipped = min(max(ratio, 1 - lo), 1 + hi)
+                if loss_type == "gspo":
+                    pg = max(-a * ratio, -a * clipped)
+                    expected = min(pg, -a * 3.0) if a < 0 else pg
+                elif loss_type == "cispo":
+                    expected = -a * logp[i, t].item() * clipped
+                else:
+                    tau = 1.0 if a >= 0 else 1.05
+                    expected = -a * 4.0 / tau / (1 + math.exp(-tau * (ratio - 1.0)))
+                assert loss[i, t].item() == pytest.approx(expected, abs=1e-9), (loss_type, i, t)
+
+
+def test_chunked_entropy_equals_the_full_softmax_entropy_with_gradients():
+    torch.manual_seed(3)
+    head = torch.nn.Linear(8, 11, dtype=torch.float64)
+    hidden = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    chunked = chunked_entropy(head, hidden, temperature=0.7, chunk_size=3)
+    probs = torch.softmax(head(hidden) / 0.7, -1)
+    full = -(probs * probs.log()).sum(-1)
+    assert torch.allclose(chunked, full, atol=1e-12)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    (grad_full,) = torch.autograd.grad(full.sum(), hidden)
+    assert torch.allclose(grad_chunked, grad_full, atol=1e-10)

@@ -7,6 +7,8 @@ adapters disabled for LoRA. The rollout engine holds its own unsharded copy (bas
 wraps each generation phase in `begin_rollout` / `end_rollout`, which wake the engine, stream the actor's weights into
 it when they changed since the last sync, and put it back to sleep. `worker.placement.colocate=false` runs the engine
 in its own group, which receives the weights via Ray (`export_weights`) and never sleeps (no actor shares its device).
+With `algorithm.adv_estimator=gae` a fourth role, the critic (`workers/critic.py`), is a value model sharded beside
+them with its own optimizer and checkpoint folder.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from workers.actor.policy import Policy
 from workers.actor.sharded_model import ShardedModel
 from workers.actor.sft_losses import save_latents, sft_update, stage2_latents
 from workers.actor.updates import latent_rows, ppo_update, reference_kl
+from workers.critic import ROLE as CRITIC, build_critic, update_critic
 from workers.group import DistributedWorker, timed_work
 from workers.rollout.base import SamplingParams
 from workers.rollout.engines import use_vllm
@@ -37,7 +40,7 @@ class PolicyWorker(DistributedWorker):
         actor_cfg = config.worker.actor
         path = actor_cfg.model.model_path
         self.adapters = list(policy_names) if actor_cfg.model.lora.rank > 0 else []
-        self.model = self.ref_model = self.engine = None
+        self.model = self.ref_model = self.engine = self.critic = None
         self.policies: dict[str, Policy] = {}
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # log-probs per step key, until the update
         # The actor's weights change (update, checkpoint load) bump the version; the engine syncs when it lags.
@@ -49,6 +52,8 @@ class PolicyWorker(DistributedWorker):
         if "ref" in roles and not self.adapters and not config.algorithm.disable_kl:
             ref_cfg = config.worker.ref
             self.ref_model = ShardedModel(path, actor_cfg, trainable=False, fsdp=ref_cfg.fsdp, offload=ref_cfg.offload)
+        if CRITIC in roles:
+            self.critic = build_critic(config, total_steps)
         if "rollout" in roles:
             self._build_engine(path)
             # Asleep between generation phases only where training state shares the device; a rollout-only worker
@@ -172,13 +177,20 @@ class PolicyWorker(DistributedWorker):
     # them, only the rollout/actor agreement (and, for a KL in the reward, the per-token KL).
     @timed_work
     def compute_log_probs(self, batch, policy: str, key: str) -> dict:
-        """Old log-probs of this rank's shard under `policy`; returns the rollout/actor disagreement on text."""
-        old, means = self.model.score_with_means(batch, self.config.worker.actor.monet_rl_sigma,
-                                                 self.policies[policy].adapter)
+        """Old log-probs of this rank's shard under `policy`; returns the rollout/actor disagreement on text and the
+        sum of the policy's next-token entropy over the text decisions (`actor/entropy`)."""
+        old, means, entropy = self.model.score_with_means(batch, self.config.worker.actor.monet_rl_sigma,
+                                                          self.policies[policy].adapter, entropy=True)
         self._kept.setdefault(key, {}).update(old_log_probs=old, old_latent_means=means)
         text = batch.tensors["response_mask"].bool() & (batch.tensors["rollout_log_probs"] != 0)
         diff = (old - batch.tensors["rollout_log_probs"]).abs()[text]
-        return {"logprob_diff_sum": float(diff.sum()), "text_tokens": int(text.sum())}
+        decisions = batch.tensors["response_mask"].bool() & (batch.tensors["responses"] != self.model.latent_pad_id)
+        return {"logprob_diff_sum": float(diff.sum()), "text_tokens": int(text.sum()),
+                "entropy_sum": float(entropy[decisions].sum()), "entropy_tokens": int(decisions.sum())}
+
+    def forget(self, key: str) -> None:
+        """Drop what was kept for step `key` when its actor update is skipped (critic warm-up)."""
+        self._kept.pop(key, None)
 
     @timed_work
     def compute_ref_log_probs(self, batch, key: str, reward_kl: str | None = None) -> torch.Tensor | None:
@@ -202,6 +214,18 @@ class PolicyWorker(DistributedWorker):
         batch.tensors.update({**self._kept.pop(key), "advantages": advantages})  # a fresh copy from the store
         self._actor_changed()
         return ppo_update(self.policies[policy], batch, self.config.worker.actor, mini_batch_size, kl_coef)
+
+    # ---- the critic (workers/critic.py) -----------------------------------------------------------------------
+    @timed_work
+    def compute_values(self, batch) -> torch.Tensor:
+        """The critic's (B, R) values of this rank's shard (the driver computes GAE from them)."""
+        return self.critic.model.compute_values(batch)
+
+    @timed_work
+    def update_critic(self, batch, values: torch.Tensor, returns: torch.Tensor, mini_batch_size: int) -> dict:
+        """Clipped value-loss epochs towards this shard's GAE `returns`, clipped around the `values` they came from."""
+        batch.tensors.update(values=values, returns=returns)
+        return update_critic(self.critic, batch, self.config.worker.critic, mini_batch_size)
 
     # ---- latent SFT (workers/actor/sft_losses.py) -----------------------------------------------------------------
     def init_teacher(self, path: str) -> None:
@@ -228,17 +252,22 @@ class PolicyWorker(DistributedWorker):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self, folder: str) -> None:
-        """Every policy into `folder/<policy>/` (shards, optimizer, Hugging Face files)."""
+        """Every policy into `folder/<policy>/` (shards, optimizer, Hugging Face files); the critic, when there is
+        one, into `folder/critic/` (shards and optimizer: it is never exported as a model)."""
         for name, policy in self.policies.items():
             policy_dir = role_dir(folder, name)
             policy.save(str(policy_dir))
             if self.rank == 0:
                 self.model.save_hf_files(str(hf_files_dir(policy_dir)), settings_from_config(self.config, name),
                                          policy.adapter)
+        if self.critic is not None:
+            self.critic.save(str(role_dir(folder, CRITIC)))
 
     def load_checkpoint(self, folder: str) -> None:
         for name, policy in self.policies.items():
             policy.load(str(role_dir(folder, name)))
+        if self.critic is not None:
+            self.critic.load(str(role_dir(folder, CRITIC)))
         self._actor_changed()
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from RL.config.schema import CHOICES, LOGGERS, VAL_OVERRIDABLE, ActorConfig, DataConfig, RootConfig
+from RL.config.schema import (CHOICES, LOGGERS, OPTIONAL_LOGGERS, VAL_OVERRIDABLE, ActorConfig, DataConfig,
+                              RootConfig)
 
 def problems(cfg: RootConfig, require_inputs: bool) -> Iterator[str]:
     """Every refused combination, as messages that lead with the dotted key(s)."""
@@ -56,6 +58,8 @@ def _check_choices(cfg: RootConfig) -> Iterator[str]:
     for name in cfg.trainer.logger:
         if name not in LOGGERS:
             yield f"trainer.logger: {name!r} is not one of {', '.join(LOGGERS)}"
+        elif name in OPTIONAL_LOGGERS and importlib.util.find_spec(OPTIONAL_LOGGERS[name]) is None:
+            yield f"trainer.logger: {name} is not installed here; pip install -e '.[{name}]'"
 
 
 def _files_list(files: Any) -> Optional[list]:
@@ -221,7 +225,7 @@ def _check_val_override(rollout) -> Iterator[str]:
 
 def _check_algorithm(cfg: RootConfig) -> Iterator[str]:
     algorithm, n = cfg.algorithm, cfg.worker.rollout.n
-    if algorithm.adv_estimator in ("grpo", "rloo") and n < 2:
+    if algorithm.adv_estimator in GROUP_ESTIMATORS and n < 2:
         yield (f"algorithm.adv_estimator, worker.rollout.n: {algorithm.adv_estimator} compares samples within a "
                f"prompt group and needs worker.rollout.n >= 2, got {n}")
     yield from _check_zero_advantages(cfg)
@@ -234,17 +238,111 @@ def _check_algorithm(cfg: RootConfig) -> Iterator[str]:
         yield "algorithm.kl_target, algorithm.kl_horizon: the adaptive KL controller needs both > 0"
     if not 0 <= algorithm.gamma <= 1:
         yield f"algorithm.gamma: must be in [0, 1], got {algorithm.gamma}"
+    if not 0 <= algorithm.lam <= 1:
+        yield f"algorithm.lam: must be in [0, 1], got {algorithm.lam}"
+    yield from _check_online_filtering(cfg)
+    yield from _check_policy_loss(cfg)
+    yield from _check_critic(cfg)
+
+
+GROUP_ESTIMATORS = ("grpo", "rloo", "grpo_passk")  # compare the samples of one prompt
+
+
+def _check_online_filtering(cfg: RootConfig) -> Iterator[str]:
+    algorithm = cfg.algorithm
+    if not algorithm.online_filtering:
+        return
+    if cfg.worker.rollout.online_difficulty_sampling:
+        yield ("algorithm.online_filtering, worker.rollout.online_difficulty_sampling: two filters of the same loop "
+               "(EasyR1's on a reward key, Monet's on accuracy); choose one")
+    if not algorithm.filter_low < algorithm.filter_high:
+        yield (f"algorithm.filter_low, algorithm.filter_high: the kept interval ({algorithm.filter_low}, "
+               f"{algorithm.filter_high}) is empty")
+    if not algorithm.filter_key:
+        yield "algorithm.filter_key: name a reward component (or overall)"
+
+
+def _check_policy_loss(cfg: RootConfig) -> Iterator[str]:
+    actor, rollout = cfg.worker.actor, cfg.worker.rollout
+    if actor.loss_type in ("gspo", "gspo_token") and rollout.sampling_strategy == "monet" and \
+            actor.latent_logprob_scale != "dim":
+        yield (f"worker.actor.loss_type, worker.actor.latent_logprob_scale: {actor.loss_type} averages the log-ratio "
+               "over a sequence's positions, and a latent step's log-ratio is a sum over the hidden size's D "
+               "dimensions (hundreds of nats for a small move of its mean), so the latent steps alone would set every "
+               "sequence's ratio; set latent_logprob_scale=dim (per-dimension densities) or use a token-level "
+               "loss_type")
+    for key in ("tau_positive", "tau_negative"):
+        if not getattr(actor, key) > 0:
+            yield f"worker.actor.{key}: the sapo gate temperature must be > 0, got {getattr(actor, key)}"
+    if actor.entropy_coeff < 0:
+        yield f"worker.actor.entropy_coeff: must be >= 0 (a bonus), got {actor.entropy_coeff}"
+
+
+def _check_critic(cfg: RootConfig) -> Iterator[str]:
+    """worker.critic.* and trainer.critic_warmup: read only with algorithm.adv_estimator=gae."""
+    critic, gae = cfg.worker.critic, cfg.algorithm.adv_estimator == "gae"
+    if cfg.trainer.critic_warmup < 0:
+        yield f"trainer.critic_warmup: must be >= 0, got {cfg.trainer.critic_warmup}"
+    elif cfg.trainer.critic_warmup and not gae:
+        yield ("trainer.critic_warmup, algorithm.adv_estimator: critic warm-up trains the critic alone first; "
+               f"{cfg.algorithm.adv_estimator} has no critic (use adv_estimator=gae)")
+    if not gae:
+        return
+    for key in ("global_batch_size", "micro_batch_size_per_device_for_update",
+                "micro_batch_size_per_device_for_experience", "ppo_epochs"):
+        if getattr(critic, key) < 1:
+            yield f"worker.critic.{key}: must be >= 1, got {getattr(critic, key)}"
+    if critic.global_batch_size >= 1 and cfg.data.rollout_batch_size % critic.global_batch_size:
+        yield (f"data.rollout_batch_size, worker.critic.global_batch_size: rollout_batch_size "
+               f"({cfg.data.rollout_batch_size}) must be a multiple of global_batch_size ({critic.global_batch_size})")
+    if critic.global_batch_size >= 1 and (critic.global_batch_size * cfg.worker.rollout.n) % cfg.world_size:
+        yield (f"worker.critic.global_batch_size, worker.rollout.n: global_batch_size x n "
+               f"({critic.global_batch_size * cfg.worker.rollout.n} samples) must split evenly over {cfg.world_size} "
+               "devices")
+    for key in ("cliprange_value", "max_grad_norm"):
+        if getattr(critic, key) < 0:
+            yield f"worker.critic.{key}: must be >= 0, got {getattr(critic, key)}"
+    if critic.optim.lr <= 0:
+        yield f"worker.critic.optim.lr: must be > 0, got {critic.optim.lr}"
+    if len(critic.optim.betas) != 2 or not all(0 <= beta < 1 for beta in critic.optim.betas):
+        yield f"worker.critic.optim.betas: expected two values in [0, 1), got {list(critic.optim.betas)}"
+    yield from _check_critic_width(cfg)
+
+
+def _check_critic_width(cfg: RootConfig) -> Iterator[str]:
+    """A critic from another folder must take the actor's latents as input embeddings: the same hidden size."""
+    path, actor_path = cfg.worker.critic.model.model_path, cfg.worker.actor.model.model_path
+    if not path or path == actor_path:
+        return
+    widths = [_hidden_size(p) for p in (path, actor_path)]
+    if None not in widths and widths[0] != widths[1]:
+        yield (f"worker.critic.model.model_path: its hidden size {widths[0]} differs from the actor's {widths[1]}; "
+               "the critic reads the actor's latent vectors as input embeddings, so it needs the same width")
+
+
+def _hidden_size(folder: str) -> Optional[int]:
+    import json
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    return (data.get("text_config") or {}).get("hidden_size") or data.get("hidden_size")
 
 
 def _check_zero_advantages(cfg: RootConfig) -> Iterator[str]:
     """Settings under which an advantage is 0 for every sample, so a role would train on nothing and say nothing
     (groups of one sample, groups whose samples are all the same, a batch that whitens to 0)."""
     algorithm, rollout, se = cfg.algorithm, cfg.worker.rollout, cfg.self_evolution
-    group_based = algorithm.adv_estimator in ("grpo", "rloo")
+    group_based = algorithm.adv_estimator in GROUP_ESTIMATORS
     if rollout.sampling_strategy == "greedy" and rollout.n >= 2 and (group_based or se.advantage == "grpo"):
         keys = "algorithm.adv_estimator" if group_based else "self_evolution.advantage"
         yield (f"worker.rollout.sampling_strategy, {keys}: greedy decoding makes the {rollout.n} samples of a "
                "prompt identical, so every group's advantage is 0; use sampling_strategy=monet or sample")
+    if rollout.sampling_strategy == "greedy" and algorithm.adv_estimator == "remax":
+        yield ("worker.rollout.sampling_strategy, algorithm.adv_estimator: remax subtracts the reward of the greedy "
+               "answer, and greedy rollouts are that answer, so every advantage is 0; use sampling_strategy=monet or "
+               "sample")
     if se.advantage == "grpo" and se.questions_per_image < 2:
         yield ("self_evolution.advantage, self_evolution.questions_per_image: grpo compares the proposer's questions "
                f"about one image, so with questions_per_image={se.questions_per_image} its advantage is always 0; "
@@ -331,10 +429,10 @@ def _check_sft(cfg: RootConfig) -> Iterator[str]:
     if sft.batch_size >= 1 and sft.batch_size % cfg.world_size:
         yield (f"sft.batch_size, trainer.n_gpus_per_node, trainer.nnodes: {sft.batch_size} rows must split evenly "
                f"over {cfg.world_size} devices")
-    layers = sft.align_layers
+    layers, lowest = sft.align_layers, 0 if sft.stage == "monet3" else 1  # monet3's layer 0: the latents
     if layers not in ("all", "last") and not (isinstance(layers, (list, tuple)) and layers and
-                                              all(isinstance(x, int) and x >= 1 for x in layers)):
-        yield f"sft.align_layers: all, last or a list of decoder layers >= 1, got {layers!r}"
+                                              all(isinstance(x, int) and x >= lowest for x in layers)):
+        yield f"sft.align_layers: all, last or a list of layers >= {lowest} ({sft.stage}), got {layers!r}"
     if sft.stage == "mirage1" and not _frozen_tower(cfg):
         yield ("sft.stage, sft.freeze_vision_tower: mirage1's targets are the helper image through the vision tower, "
                "which must stay frozen; set sft.freeze_vision_tower=true")
@@ -346,7 +444,8 @@ def _frozen_tower(cfg: RootConfig) -> bool:
 
 
 EVAL_CHOICES = {"method": ("direct", "dmlr", "rmm"), "strategy": ("monet", "greedy"),
-                "dmlr_init": ("model", "embedding")}
+                "dmlr_init": ("model", "embedding"), "dmlr_sigma_scale": ("rms", "absolute"),
+                "rmm_memory_scope": ("per_item", "dataset")}
 ABLATIONS = ("zero", "shuffle", "noise", "text")
 
 
@@ -361,7 +460,7 @@ def _check_eval(cfg: RootConfig) -> Iterator[str]:
         if getattr(ev, key) < 1:
             yield f"eval.{key}: must be >= 1, got {getattr(ev, key)}"
     for key in ("max_new_tokens", "dmlr_initial_patches", "dmlr_patch_increment", "dmlr_inject_start",
-                "dmlr_reward_threshold"):
+                "dmlr_reward_threshold", "rmm_memory_max_entries"):
         if getattr(ev, key) < 0:
             yield f"eval.{key}: must be >= 0, got {getattr(ev, key)}"
     for key in ("dmlr_lr", "dmlr_sigma"):
@@ -374,10 +473,11 @@ def _check_eval(cfg: RootConfig) -> Iterator[str]:
                f"got {ev.dmlr_max_patches}")
     if ev.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", ev.name):
         yield f"eval.name: {ev.name!r} must be a folder name (letters, digits, . _ + = -)"
-    memory = ev.rmm_memory_model
-    if ev.method == "rmm" and memory != "self" and not (memory.startswith("api:") and memory[4:]) and \
-            not Path(memory).is_dir():
-        yield f"eval.rmm_memory_model: {memory!r} is not self, api:<model name> or a model folder"
+    for key in ("rmm_feedback_model", "rmm_memory_model"):
+        spec = getattr(ev, key)
+        if ev.method == "rmm" and spec != "self" and not (spec.startswith("api:") and spec[4:]) and \
+                not Path(spec).is_dir():
+            yield f"eval.{key}: {spec!r} is not self, api:<model name> or a model folder"
 
 
 def _check_eval_passes(cfg: RootConfig) -> Iterator[str]:
@@ -390,6 +490,13 @@ def _check_eval_passes(cfg: RootConfig) -> Iterator[str]:
     if ablations and (ev.method != "direct" or ev.strategy != "monet"):
         yield (f"eval.ablate, eval.method, eval.strategy: ablations perturb the latents of the direct pass with "
                f"latent blocks; need method=direct and strategy=monet (got {ev.method}, {ev.strategy})")
+    if ev.endpoint and (ev.method != "direct" or ablations not in ([], ["text"])):
+        yield (f"eval.endpoint: an endpoint answers the direct pass (and ablate=text) only; got method={ev.method}, "
+               f"ablate={ev.ablate!r}")
+    if ev.endpoint and not re.match(r"https?://", ev.endpoint):
+        yield f"eval.endpoint: {ev.endpoint!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)"
+    if ev.endpoint_model and not ev.endpoint:
+        yield "eval.endpoint_model: names a model of eval.endpoint, which is not set"
     needs_native = (ablations and ablations != ["text"]) or ev.method == "dmlr"
     if needs_native and cfg.worker.rollout.name == "vllm":
         what = "eval.method: DMLR optimises" if ev.method == "dmlr" else "eval.ablate: the ablations replace"

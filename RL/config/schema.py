@@ -105,6 +105,15 @@ class ActorConfig:
     clip_ratio_dual: float = 3.0
     ppo_epochs: int = 1
     loss_avg_mode: str = "token"  # token | seq
+    # EasyR1's policy losses (algorithms/policy_loss.py): default (PPO clip, clip-higher, dual clip) | gspo |
+    # gspo_token (a sequence-level ratio: needs latent_logprob_scale=dim when latent blocks are on, since a latent
+    # step's log-ratio sums D dimensions and would decide the sequence's ratio alone) | cispo | sapo
+    loss_type: str = "default"
+    tau_positive: float = 1.0  # sapo: gate temperature where the advantage is >= 0
+    tau_negative: float = 1.05  # sapo: gate temperature where the advantage is < 0
+    # entropy bonus: loss −= entropy_coeff x the text tokens' entropy (EasyR1's former key, verl's); latent steps add
+    # nothing (a Gaussian's entropy is a constant of sigma). actor/entropy is logged every step either way
+    entropy_coeff: float = 0.0
     monet_rl_sigma: float = 10.0  # std of the latent Gaussian policy
     latent_logprob_scale: str = "none"  # none | dim (divide the latent log-density by the hidden size)
     padding_free: bool = True
@@ -183,6 +192,35 @@ class RefConfig:
 
 
 @dataclass
+class CriticModelConfig:
+    model_path: str = ""  # "" = worker.actor.model.model_path; another folder needs the actor's hidden size (latents)
+    override_config: dict[str, Any] = field(default_factory=dict)  # model config fields to override at load
+    enable_gradient_checkpointing: bool = True
+    freeze_vision_tower: bool = False
+
+
+@dataclass
+class CriticConfig:
+    """The value model for algorithm.adv_estimator=gae (read only then): the policy's latent-aware backbone and a
+    scalar value head (zero-initialised, so the first values are 0), its own FSDP role on the policy workers, its
+    own optimizer and checkpoint (`<step>/critic/`). V at a response position is read from the hidden state before
+    it, where the actor reads a latent step's mean (docs/design.md, §4)."""
+
+    global_batch_size: int = 16  # prompts per critic optimizer step (workers multiply by rollout.n)
+    micro_batch_size_per_device_for_update: int = 2  # samples
+    micro_batch_size_per_device_for_experience: int = 8  # samples, for the value pass
+    max_grad_norm: float = 1.0
+    cliprange_value: float = 0.5  # the new value stays within this of the old one in the loss (PPO's value clip)
+    loss_avg_mode: str = "token"  # token | seq
+    ppo_epochs: int = 1
+    padding_free: bool = True
+    model: CriticModelConfig = field(default_factory=CriticModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # EasyR1: the actor's 1e-6; verl: 1e-5
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+
+@dataclass
 class PlacementConfig:
     colocate: bool = True  # actor, rollout and ref share one process per device
 
@@ -192,6 +230,7 @@ class WorkerConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rule_based_judge: JudgeConfig = field(default_factory=JudgeConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -200,7 +239,9 @@ class WorkerConfig:
 # ------------------------------------------------------------------------------------------ algorithm, trainer, sft
 @dataclass
 class AlgorithmConfig:
-    adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus
+    # grpo | rloo | reinforce_plus_plus | remax (one greedy rollout per prompt is the baseline) | grpo_passk (only
+    # the best sample of a group, by its margin) | gae (a critic: worker.critic.*, trainer.critic_warmup)
+    adv_estimator: str = "grpo"
     disable_kl: bool = False  # true = no reference model, no KL at all
     use_kl_loss: bool = True  # KL as a loss term (true) or as a per-token reward penalty (false, EasyR1's in-reward KL)
     kl_penalty: str = "low_var_kl"  # kl | abs | mse | low_var_kl
@@ -208,7 +249,15 @@ class AlgorithmConfig:
     kl_type: str = "fixed"  # fixed | adaptive (Ziegler et al.; moves by the step's sample count / kl_horizon)
     kl_target: float = 0.1
     kl_horizon: int = 10000
-    gamma: float = 1.0  # REINFORCE++ discount
+    gamma: float = 1.0  # discount of REINFORCE++ and GAE (a latent step is one step)
+    lam: float = 1.0  # GAE's lambda
+    # EasyR1's group filter: keep generating (trainer.max_try_make_batch tries) until data.rollout_batch_size groups
+    # have a mean reward `filter_key` (a reward component, or overall) in (filter_low, filter_high); Monet's
+    # worker.rollout.online_difficulty_sampling is the same loop on accuracy in (0, select_acc_threshold]
+    online_filtering: bool = False
+    filter_key: str = "overall"
+    filter_low: float = 0.01
+    filter_high: float = 0.99
 
 
 @dataclass
@@ -218,9 +267,12 @@ class TrainerConfig:
     project_name: str = "monet_rl"
     experiment_name: str = "vlpo"  # the run name: runs/<experiment_name>/
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # console | jsonl | wandb | tensorboard
+    # | mlflow | swanlab; files in the run folder (offline) unless WANDB_MODE / MLFLOW_TRACKING_URI / SWANLAB_MODE
+    # say otherwise; mlflow and swanlab need their extra (pip install -e ".[mlflow]" / ".[swanlab]")
     nnodes: int = 1
     n_gpus_per_node: int = 8  # devices (CPU: processes) per node
     max_try_make_batch: int = 20  # online difficulty sampling rounds before giving up; -1 = unlimited
+    critic_warmup: int = 0  # algorithm.adv_estimator=gae: the first N steps train the critic only, not the actor
     val_freq: int = 5  # -1 = never
     val_before_train: bool = True
     val_only: bool = False
@@ -271,7 +323,9 @@ class SFTConfig:
     ce_weight: float = 1.0  # L = ce_weight x CE + align_weight x alignment (Mirage stage 1: 0.1)
     observation_weight: float = 1.0  # CE weight of <observation> text (Monet: 2 in stage 1, 4 in stages 2 and 3)
     align_weight: float = 1.0  # monet2, monet3, mirage1
-    align_layers: Any = "all"  # monet2: all | last | a list of decoder layers 1..N (N = the final hidden state)
+    # monet2: all | last | a list of decoder layers 1..N (N = the final hidden state), at the observation tokens;
+    # monet3: all (0..N, Monet's released all_layers) | last (layer 0: the latents) | a list of 0..N, at latent pads
+    align_layers: Any = "all"
     teacher_path: str = ""  # monet2: the teacher ("" = the model trained, i.e. stage 1); monet3: the stage-2 model
     latent_targets: str = ""  # monet3: folder of the stage-2 latents; "" = <run dir>/latent_targets
 
@@ -311,6 +365,12 @@ class SelfEvolutionConfig:
     kl_coef: float = 1e-3  # initial β per role; β ← clip(β·exp(kl_rate·(KL − kl_target)/kl_target), 1e-8, 100)
     kl_target: float = 0.02
     kl_rate: float = 0.1  # 0 keeps β fixed
+    # sampled: algorithm.kl_penalty's estimate at the sampled token (low_var_kl = k3) | full: the exact KL(π‖π_ref)
+    # over the whole vocabulary at each response text position (released; one more reference forward per micro-batch)
+    kl: str = "sampled"
+    # per_update: β moves once per role update, with its mean KL | per_step: after every optimizer step, with that
+    # step's KL (released: with update=sequential, after every sample)
+    kl_coef_update: str = "per_update"
 
 
 @dataclass
@@ -331,27 +391,41 @@ class EvalConfig:
     category_column: str = "category"  # accuracy per value of this column, when the data has it
     seed: int = 1
     resume: bool = True  # false: start every pass over
-    # DMLR: antithetic evolution strategies on n thought latents, confidence reward; defaults from the paper
-    dmlr_tokens: int = 4
-    dmlr_steps: int = 15
-    dmlr_lr: float = 1.0e-3
-    dmlr_sigma: float = 0.1  # relative to the RMS of the initial thoughts (the paper's "10%")
+    # An OpenAI-compatible endpoint answers instead of the model on Ray workers (python -m tools.serve, or an API model
+    # as a baseline on the same items and judge): direct pass only (ablate=text sends latent=0). Its key, if it needs
+    # one, comes from the environment variable EVAL_ENDPOINT_API_KEY only (never stored)
+    endpoint: str = ""  # base URL, e.g. http://127.0.0.1:8000/v1; "" = the model folder on the workers
+    endpoint_model: str = ""  # the model name the endpoint serves ("" = the first it lists at /models)
+    # DMLR: antithetic evolution strategies on n thought latents, confidence reward; defaults from the released
+    # main.py and README (the patch counts from its script/run.sh); docs/evaluation.md §DMLR says where each comes from
+    dmlr_tokens: int = 8
+    dmlr_steps: int = 20
+    dmlr_lr: float = 5.0e-3
+    dmlr_sigma: float = 0.1  # x the RMS of the initial thoughts (the paper's "10%"), or absolute (release: 20)
+    dmlr_sigma_scale: str = "rms"  # rms: sigma relative to the thoughts' RMS | absolute: raw coordinates (released)
     dmlr_sigma_decay: float = 0.95
     dmlr_pairs: int = 1  # antithetic pairs per step (2 candidates each)
     dmlr_top_k: int = 10  # the reward is the mean top-k negative log-probability at the thoughts and the next position
     dmlr_init: str = "model"  # model: the model's own latent block | embedding: <|endoftext|>'s embedding (released)
     dmlr_inject: bool = True  # dynamic visual injection of image patches selected per thought
-    dmlr_initial_patches: int = 2  # patches per thought at the start (m)
-    dmlr_patch_increment: int = 2  # patches tried per thought at each injection step, kept if the reward improves
+    dmlr_initial_patches: int = 1  # patches per thought at the start
+    dmlr_patch_increment: int = 1  # patches tried per thought at each injection step, kept if the reward improves
     dmlr_max_patches: int = 16  # per thought
     dmlr_inject_start: int = 0  # first step with an injection trial
     dmlr_inject_interval: int = 1
     dmlr_inject_in_decode: bool = True  # the final decode sees the injected patches too (released code: false)
     dmlr_reward_threshold: float = 0.0  # > 0: stop optimising once the best evaluated reward reaches it
-    # RMM: reason -> self-critique (never sees the gold answer) -> typed memory -> retry with the memory in the prompt
+    # RMM: reason -> critique (never sees the gold answer) -> typed memory -> retry with the memory in the prompt;
+    # every memory-manager call is also a training row in <name>/rmm_combined_data.json (docs/evaluation.md §RMM)
     rmm_attempts: int = 3
-    rmm_memory_model: str = "self"  # self (the evaluated model) | a local Qwen2.5-VL folder | api:<model name>
+    rmm_feedback_model: str = "self"  # the critic: self (the evaluated model) | a Qwen2.5-VL folder | api:<model name>
+    # the memory manager: self | a Qwen2.5-VL folder | a LoRA adapter folder (its base + the adapter: the trained
+    # manager, examples/rmm_train.sh) | api:<model name>
+    rmm_memory_model: str = "self"
     rmm_api_base_url: str = ""  # endpoint of api:<model name> ("" = the provider's, as for the judge)
+    rmm_memory_scope: str = "per_item"  # per_item: fresh memory per item (VITA-RMM's loop) | dataset: carried across
+    #   items in item order (a batch reads the memory as it was before the batch; batch_size 1 = strictly sequential)
+    rmm_memory_max_entries: int = 16  # newest entries shown in a prompt (0 = all)
     rmm_critic_max_new_tokens: int = 256
     rmm_memory_max_new_tokens: int = 256
 
@@ -382,7 +456,12 @@ CHOICES: dict[str, tuple] = {
     "worker.rollout.sampling_strategy": ("monet", "sample", "greedy"),
     "worker.rollout.monet.latent_noise_scale": ("absolute", "rms"),
     "worker.rollout.dtype": ("fp32", "bf16", "fp16"),
-    "algorithm.adv_estimator": ("grpo", "rloo", "reinforce_plus_plus"),
+    "worker.actor.loss_type": ("default", "gspo", "gspo_token", "cispo", "sapo"),
+    "worker.critic.loss_avg_mode": ("token", "seq"),
+    "worker.critic.optim.strategy": ("adamw", "adamw_bf16"),
+    "worker.critic.optim.lr_scheduler_type": ("constant", "cosine"),
+    "worker.critic.fsdp.torch_dtype": ("fp32", "bf16"),
+    "algorithm.adv_estimator": ("grpo", "rloo", "reinforce_plus_plus", "remax", "grpo_passk", "gae"),
     # EasyR1's `full` needs both full vocabulary distributions in one pass; it is refused rather than half-done.
     "algorithm.kl_penalty": ("kl", "abs", "mse", "low_var_kl"),
     "algorithm.kl_type": ("fixed", "adaptive"),
@@ -391,6 +470,10 @@ CHOICES: dict[str, tuple] = {
     "self_evolution.embedder": ("token", "minilm"),
     "self_evolution.advantage": ("ema_baseline", "grpo"),
     "self_evolution.update": ("batched", "sequential"),
+    "self_evolution.kl": ("sampled", "full"),
+    "self_evolution.kl_coef_update": ("per_update", "per_step"),
 }
-LOGGERS = ("console", "jsonl", "wandb", "tensorboard")
+LOGGERS = ("console", "jsonl", "wandb", "tensorboard", "mlflow", "swanlab")
+# the loggers whose package comes with an extra (setup.py), not with the base install: logger -> module
+OPTIONAL_LOGGERS = {"mlflow": "mlflow", "swanlab": "swanlab"}
 VAL_OVERRIDABLE = ("n", "temperature", "top_p", "top_k", "seed", "sampling_strategy", "repetition_penalty")

@@ -3,7 +3,8 @@
 Online difficulty sampling (docs/design.md) keeps generating groups with the current weights, `data.online_accum_size`
 prompts per round, until `data.rollout_batch_size` groups have accuracy in (0, select_acc_threshold], and trains on
 them in the same step, so the update stays on-policy (Monet reused stored rollouts across steps). It gives up after
-`trainer.max_try_make_batch` tries with an error that says what was found.
+`trainer.max_try_make_batch` tries with an error that says what was found. EasyR1's `algorithm.online_filtering`
+is the same loop with its own rule: a group's mean reward `filter_key` in (filter_low, filter_high).
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ class BatchMaker:
     # ---- training batches ------------------------------------------------------------------------------------
     def make_training_batch(self, step: int):
         rollout = self.config.worker.rollout
-        if not rollout.online_difficulty_sampling:
+        if not (rollout.online_difficulty_sampling or self.config.algorithm.online_filtering):
             params = sampling_params(rollout, self.response_length, "step", step, "attempt", 0)
             batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}")
             return batch, self.score_async(self.reward_inputs(batch), step), {}
@@ -140,9 +141,8 @@ class BatchMaker:
             params = sampling_params(rollout, self.response_length, "step", step, "attempt", attempt)
             batch = self.generate(self.loader.next_batch(), params, tag=f"s{step}t{attempt}")
             result = ray.get(self.score_async(self.reward_inputs(batch), step))
-            accuracy = correct_answers(result).reshape(-1, rollout.n).mean(-1)
-            seen.extend(accuracy)
-            keep = [g for g, acc in enumerate(accuracy) if 0 < acc <= rollout.monet.select_acc_threshold]
+            means, keep = self._kept_groups(result)
+            seen.extend(means)
             rows = [g * rollout.n + k for g in keep for k in range(rollout.n)]
             if rows:
                 kept.append(batch[torch.tensor(rows)])
@@ -150,16 +150,41 @@ class BatchMaker:
             if sum(len(b) for b in kept) >= want * rollout.n:
                 break
         else:
+            what, keys = self._filter_words()
             raise NoQualifyingGroupsError(
                 f"online difficulty sampling: only {sum(len(b) for b in kept) // rollout.n} of {want} groups had "
-                f"accuracy in (0, {rollout.monet.select_acc_threshold}] after {attempt + 1} tries "
-                f"(trainer.max_try_make_batch); group accuracies seen: mean {np.mean(seen):.2f}. Lower "
-                "worker.rollout.monet.select_acc_threshold bounds or raise trainer.max_try_make_batch.")
+                f"{what} after {attempt + 1} tries (trainer.max_try_make_batch); group means seen: mean "
+                f"{np.mean(seen):.2f}. Widen {keys} or raise trainer.max_try_make_batch.")
         rows = torch.arange(want * rollout.n)
         batch = Batch.concat(kept)[rows]
         result = merge_rewards(kept_rewards, want * rollout.n)
         metrics = {"rollout/difficulty_tries": attempt + 1, "rollout/group_accuracy_seen": float(np.mean(seen))}
         return batch, ray.put(result), metrics
+
+    def _kept_groups(self, result: RewardResult) -> tuple[np.ndarray, list[int]]:
+        """Each group's mean of the filtered quantity and the groups kept: accuracy in (0, select_acc_threshold]
+        (Monet's online difficulty sampling), or with algorithm.online_filtering EasyR1's rule, the mean reward
+        `filter_key` in the open interval (filter_low, filter_high)."""
+        n, algorithm = self.config.worker.rollout.n, self.config.algorithm
+        if not algorithm.online_filtering:
+            means = correct_answers(result).reshape(-1, n).mean(-1)
+            threshold = self.config.worker.rollout.monet.select_acc_threshold
+            return means, [g for g, mean in enumerate(means) if 0 < mean <= threshold]
+        key = algorithm.filter_key
+        if key != "overall" and key not in result.components:
+            raise ValueError(f"algorithm.filter_key: the reward has no component {key!r}; it has overall and "
+                             f"{', '.join(sorted(result.components)) or 'no components'}")
+        values = result.overall if key == "overall" else result.components[key]
+        means = np.asarray(values, dtype=float).reshape(-1, n).mean(-1)
+        return means, [g for g, mean in enumerate(means) if algorithm.filter_low < mean < algorithm.filter_high]
+
+    def _filter_words(self) -> tuple[str, str]:
+        algorithm = self.config.algorithm
+        if algorithm.online_filtering:
+            return (f"a mean {algorithm.filter_key} in ({algorithm.filter_low}, {algorithm.filter_high})",
+                    "algorithm.filter_low/filter_high")
+        return (f"accuracy in (0, {self.config.worker.rollout.monet.select_acc_threshold}]",
+                "worker.rollout.monet.select_acc_threshold")
 
     # ---- validation ------------------------------------------------------------------------------------------
     def validate(self, dataset, step: int, tracker) -> dict:

@@ -7,6 +7,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from algorithms.entropy import next_token_entropy
 from monet_models.transformers.log_probs import latent_means, next_token_log_probs, with_latent_densities
 from monet_models.transformers.packing import pack, unpack
 from workers.actor.fsdp import device_type
@@ -40,12 +41,14 @@ def position_log_probs(module, inputs: dict, temperature: float, sigma: float, s
 
 
 def position_scores(module, inputs: dict, temperature: float, sigma: float, scale_by_dim: bool,
-                    padding_free: bool, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    padding_free: bool, chunk_size: int = 0, entropy: bool = False) -> tuple[torch.Tensor, ...]:
     """`position_log_probs`, and the (latents, D) fp32 means of the latent steps in the order they were recorded
-    (what the exact latent KL to the reference is computed from).
+    (what the exact latent KL to the reference is computed from); with `entropy`, a third (B, L) tensor: the
+    next-token entropy that produced each position (`algorithms.entropy`; meaningful at text positions only).
 
     The token log-probs come from the model's forward through `next_token_log_probs` as its head, `chunk_size`
-    positions at a time (`worker.actor.logprob_chunk_size`): the full (tokens x vocab) logits never exist.
+    positions at a time (`worker.actor.logprob_chunk_size`): the full (tokens x vocab) logits never exist. The
+    entropy is computed in the same head, chunk by chunk (a second lm_head product per chunk).
     """
     pad_id = _latent_pad_id(module)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -59,11 +62,23 @@ def position_scores(module, inputs: dict, temperature: float, sigma: float, scal
     else:
         common.update(attention_mask=mask)
     head = partial(next_token_log_probs, input_ids=ids, temperature=temperature, chunk_size=chunk_size)
+    if entropy:
+        head = partial(_with_entropy, head, temperature=temperature, chunk_size=chunk_size)
     out = module(input_ids=ids, head=head, **common)
-    text = out.head_output.view(ids.shape[0], -1)
+    text = (out.head_output[0] if entropy else out.head_output).view(ids.shape[0], -1)
     values = with_latent_densities(text, out.hidden_states, ids, latents, pad_id, sigma, scale_by_dim)
-    means = latent_means(out.hidden_states, ids, pad_id)
-    return (unpack(values, keep), means) if padding_free else (values, means)
+    scores = [values, latent_means(out.hidden_states, ids, pad_id)]
+    if entropy:
+        scores.append(torch.nn.functional.pad(out.head_output[1].view(ids.shape[0], -1), (1, 0)))
+    if padding_free:  # back to the padded layout; the means are per latent step, in order, either way
+        scores = [unpack(value, keep) if index != 1 else value for index, value in enumerate(scores)]
+    return tuple(scores)
+
+
+def _with_entropy(log_probs_head, hidden_states, lm_head, temperature: float, chunk_size: int) -> torch.Tensor:
+    """(2, n): the next-token log-probs and the next-token entropies, one head output (not a view)."""
+    return torch.stack([log_probs_head(hidden_states, lm_head),
+                        next_token_entropy(hidden_states, lm_head, temperature, chunk_size)])
 
 
 def unwrapped(module):

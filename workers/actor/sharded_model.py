@@ -82,13 +82,15 @@ class ShardedModel:
         return [p for name, p in self.module.named_parameters() if is_adapter_key(name, adapter)]
 
     # ---- log-probs -------------------------------------------------------------------------------------------
-    def scores(self, micro, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, micro, sigma: float, entropy: bool = False) -> tuple[torch.Tensor, ...]:
         """(B, R) log-likelihood of each response position of `micro` and the (latents, D) fp32 means of its
-        latent steps in recorded order, with gradients when in train mode."""
+        latent steps in recorded order, with gradients when in train mode; with `entropy` also the (B, R)
+        next-token entropy at each response position (text positions: `algorithms.entropy`)."""
         cfg = self.config
-        values, means = position_scores(self.module, model_inputs(micro, self.device), cfg.temperature, sigma,
-                                        cfg.latent_logprob_scale == "dim", cfg.padding_free, cfg.logprob_chunk_size)
-        return values[:, -micro.tensors["responses"].shape[1]:], means
+        scores = position_scores(self.module, model_inputs(micro, self.device), cfg.temperature, sigma,
+                                 cfg.latent_logprob_scale == "dim", cfg.padding_free, cfg.logprob_chunk_size, entropy)
+        width = micro.tensors["responses"].shape[1]
+        return tuple(value if index == 1 else value[:, -width:] for index, value in enumerate(scores))
 
     @property
     def latent_pad_id(self) -> int:
@@ -100,19 +102,23 @@ class ShardedModel:
         return self.score_with_means(batch, sigma, adapter)[0]
 
     @torch.no_grad()
-    def score_with_means(self, batch, sigma: float, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_with_means(self, batch, sigma: float, adapter: str | None, entropy: bool = False
+                         ) -> tuple[torch.Tensor, ...]:
         """`score`, and the means of each sample's latent steps, (B, M, D) zero-padded to the most latents M of a
-        sample, kept beside the log-probs so the latent KL to the reference can be exact (algorithms.kl)."""
+        sample, kept beside the log-probs so the latent KL to the reference can be exact (algorithms.kl); with
+        `entropy` also the (B, R) next-token entropies (`scores`)."""
         self.module.eval()
         micro_size, budget = self.config.micro_batch_size_per_device_for_experience, token_budget(self.config, False)
-        log_probs, means = [], []
+        log_probs, means, entropies = [], [], []
         with self.use(adapter):
             for micro in micro_batches(batch, micro_size, budget, self.config.padding_free):
-                values, micro_means = self.scores(micro, sigma)
+                values, micro_means, *micro_entropy = self.scores(micro, sigma, entropy)
                 log_probs.append(values.float().cpu())
+                entropies += [part.float().cpu() for part in micro_entropy]
                 counts = (micro.tensors["responses"] == self.latent_pad_id).sum(-1).tolist()
                 means += micro_means.cpu().split(counts)
-        return torch.cat(log_probs, dim=0), torch.nn.utils.rnn.pad_sequence(means, batch_first=True)
+        scores = (torch.cat(log_probs, dim=0), torch.nn.utils.rnn.pad_sequence(means, batch_first=True))
+        return scores + (torch.cat(entropies, dim=0),) if entropy else scores
 
     # ---- weights ---------------------------------------------------------------------------------------------
     def stream_weights(self, adapter: str | None = None, dtype: torch.dtype | None = None, bucket_bytes: int = 0

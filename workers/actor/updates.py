@@ -88,15 +88,23 @@ def run_epochs(policy: Policy, batch, mini_batch_size: int, epochs: int, step_fn
 
 # ---- PPO / GRPO with the latent Gaussian terms (VLPO, and the self-evolution roles) -----------------------------
 def ppo_loss(policy: Policy, micro, counts: GlobalCounts, cfg, kl_coef: float):
-    """Clipped policy-gradient loss over text and latent positions, plus the KL loss to the reference."""
-    log_probs, means = policy.model.scores(micro, cfg.monet_rl_sigma)
+    """Policy loss (`worker.actor.loss_type`) over text and latent positions, plus the KL loss to the reference,
+    minus `entropy_coeff` times the text positions' entropy (latent positions count as 0: their Gaussian entropy
+    is a constant of σ)."""
+    log_probs, means, *entropy = policy.model.scores(micro, cfg.monet_rl_sigma, entropy=cfg.entropy_coeff > 0)
     device = log_probs.device
     mask = micro.tensors["response_mask"].to(device).float()
     pg_tokens, pg_metrics = compute_policy_loss(
         log_probs, micro.tensors["old_log_probs"].to(device), micro.tensors["advantages"].to(device), mask,
-        cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_dual)
+        cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_dual, cfg.loss_type, cfg.tau_positive,
+        cfg.tau_negative)
     loss = pg_loss = counts.mean(pg_tokens, mask, cfg.loss_avg_mode)
     shares = {"actor/pg_loss": pg_loss.detach()}
+    if entropy:
+        text = micro.tensors["responses"].to(device) != policy.model.latent_pad_id
+        bonus = counts.mean(entropy[0] * text, mask, cfg.loss_avg_mode)
+        loss = loss - cfg.entropy_coeff * bonus
+        shares["actor/entropy_bonus"] = bonus.detach()
     if cfg.use_kl_loss and "ref_log_probs" in micro.tensors.keys():
         latent_mask = micro.tensors["responses"].to(device) == policy.model.latent_pad_id
         per_position = reference_kl(cfg.kl_penalty, cfg, latent_mask, log_probs, means,

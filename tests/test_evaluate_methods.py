@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from RL.evaluate.dmlr import DmlrSettings, LatentSearch, ModelScorer, run_dmlr
+from RL.evaluate.dmlr import DmlrSettings, LatentSearch, ModelScorer, noise_scale, run_dmlr
 from RL.evaluate.judging import judge_rows
 from RL.evaluate.memory import MemoryBuffer, critic_text, memory_request, parse_critic, parse_entries
 from RL.evaluate.rmm import rmm_metrics
@@ -236,3 +236,11 @@ def test_three_input_formats_load(tmp_path, tiny_model_dir, toy_data_dir):
     assert items[3]["extra"]["category"] == "colour" and items[0]["extra"]["completion"] == "(a) Yes"
     assert all(len(it["images"]) == 1 and it["pixel_values"].shape[0] > 0 for it in items)
     assert torch.equal(items[3]["pixel_values"], items[2]["pixel_values"])  # the TSV's image given by reference
+
+
+def test_dmlr_sigma_is_relative_to_the_thoughts_rms_or_absolute_as_released():
+    thoughts = torch.tensor([[3.0, -4.0], [0.0, 5.0]])  # RMS sqrt((9 + 16 + 25) / 4)
+    assert noise_scale(thoughts, DmlrSettings.from_eval()) == pytest.approx(math.sqrt(12.5))
+    assert noise_scale(thoughts, DmlrSettings.from_eval(sigma_scale="absolute")) == 1.0
+    released = DmlrSettings.from_eval()  # main.py's defaults (docs/evaluation.md §DMLR)
+    assert (released.tokens, released.steps, released.lr, released.sigma_decay) == (8, 20, 5e-3, 0.95)

@@ -50,8 +50,11 @@ def changed(before: dict, after: dict, role: str) -> bool:
 
 
 # The EMA baselines start at 0, so every update has non-zero advantages: with GRPO a step whose groups all tie would
-# leave its adapter unchanged and the test would depend on what was sampled.
-ADAPTER_RUN = {"trainer.max_steps": 2, "trainer.save_freq": 2, "self_evolution.advantage": "ema_baseline"}
+# leave its adapter unchanged and the test would depend on what was sampled. The released KL options run here
+# (the full-vocabulary KL, β moved per optimizer step: tests/test_self_evolution_kl.py checks their values), the
+# defaults in the other runs.
+ADAPTER_RUN = {"trainer.max_steps": 2, "trainer.save_freq": 2, "self_evolution.advantage": "ema_baseline",
+               "self_evolution.kl": "full", "self_evolution.kl_coef_update": "per_step"}
 
 
 def test_each_adapter_changes_only_on_its_own_updates_and_resume_restores_both(selfplay):
@@ -70,6 +73,7 @@ def test_each_adapter_changes_only_on_its_own_updates_and_resume_restores_both(s
         after2 = adapters(trainer)
         assert changed(after1, after2, "solver") and changed(after1, after2, "proposer")
         assert step2["solver/kl_loss"] > 0  # the solver moved away from the true reference (adapters disabled)
+        assert "solver/kl_sampled" in step2 and trainer.kl["solver"].value != step2["solver/kl_coef"]  # β moved
         trainer.save(step2)
     finally:
         trainer.shutdown()

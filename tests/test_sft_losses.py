@@ -48,11 +48,12 @@ def stage_setup(stage, model_dir, data_dir, **sft):
     processor = load_processor(model_dir)
     dataset = sft_dataset(config, processor, K)
     items = [dataset[i] for i in range(3)]
-    if stage == "monet3":  # any targets do: the loss is checked, not their origin
+    if stage == "monet3":  # any targets do: the loss is checked, not their origin (layers 0..N of the 2-layer model)
         generator = torch.Generator().manual_seed(0)
+        layers = 3 if values.get("sft.align_layers", "all") == "all" else 1
         for item in items:
             pads = int((item["input_ids"] == dataset.tokens.pad).sum())
-            item["targets"] = torch.randn(pads, 128, generator=generator)
+            item["targets"] = torch.randn(pads, layers, 128, generator=generator)
     batch = collate_sft(items, processor.tokenizer.pad_token_id)
     key = "obs" if stage == "monet2" else None
     pads = batch.tensors["input_ids"] == dataset.tokens.pad
@@ -104,9 +105,12 @@ def alignment(student, teacher, obs, teacher_obs):
     return torch.cat(distances).mean()
 
 
-@pytest.mark.parametrize("stage", ["monet1", "monet3", "mirage1", "mirage2"])
+@pytest.mark.parametrize("stage", ["monet1", "monet3", "monet3-last", "mirage1", "mirage2"])
 def test_stage_loss_equals_the_independent_computation(stage, tiny_model_dir, sft_data_dir):
-    config, batch = stage_setup(stage, tiny_model_dir, sft_data_dir)
+    """monet3 (align_layers all, Monet's release): 1 − cos at each latent pad over transformers' hidden_states 0..N of
+    the pass with the latents in place (0 = the latent itself); monet3-last: the latents alone."""
+    stage, _, layers = stage.partition("-")
+    config, batch = stage_setup(stage, tiny_model_dir, sft_data_dir, **{"sft.align_layers": layers or "all"})
     loss, shares, _, _ = composer_loss(stage, config, batch, tiny_model_dir)
     model, _ = load_latent_model(tiny_model_dir, dtype="fp32")
     ids, mask, pixels, grid = inputs(batch)
@@ -132,7 +136,11 @@ def test_stage_loss_equals_the_independent_computation(stage, tiny_model_dir, sf
             logits, align = out.logits, None
             if stage == "monet3":
                 targets = torch.cat(list(batch.non_tensors["targets"]))
-                align = (1 - F.cosine_similarity(latents, targets, dim=-1)).mean()
+                states = [latents] if layers == "last" else \
+                    [latents] + [h[pads] for h in all_layers(model, ids, mask, pixels, grid, latents)]
+                assert len(states) == targets.shape[1]
+                align = torch.stack([1 - F.cosine_similarity(state, targets[:, i], dim=-1)
+                                     for i, state in enumerate(states)]).mean()
     ce = weighted_ce(logits, ids, weights)
     assert abs(float(shares["sft/ce"]) - float(ce)) <= TOL
     expected = 0.5 * ce + (0.0 if align is None else 2.0 * align)

@@ -6,8 +6,9 @@ The thoughts are a latent block at the start of the answer (`<abs_vis_token>`, n
 positions and the one after them. What differs from the released code, on purpose:
 
 - antithetic Gaussian pairs with a mean baseline (the release took one sample, no baseline: every step moved along
-  its noise because rewards are positive); sigma relative to the RMS of the thought embeddings being optimised (the
-  release used an absolute sigma on raw coordinates, which means something else for every model and init);
+  its noise because rewards are positive); sigma relative to the RMS of the thought embeddings being optimised by
+  default (the release used an absolute sigma on raw coordinates, which means something else for every model and
+  init; `eval.dmlr_sigma_scale=absolute` does that);
 - every forward is the latent-aware one from `input_ids` with real image features and mRoPE positions (the release
   passed `inputs_embeds` alone: no image features, 1-D positions), continuing from the prompt's KV cache, which is
   computed once per item;
@@ -45,6 +46,7 @@ class DmlrSettings:
     steps: int
     lr: float
     sigma: float
+    sigma_scale: str
     sigma_decay: float
     pairs: int
     top_k: int
@@ -257,6 +259,12 @@ class ModelScorer:
         return cache
 
 
+def noise_scale(init: torch.Tensor, settings: DmlrSettings) -> float:
+    """What `settings.sigma` is measured in: the initial thoughts' RMS (`rms`, the paper's "10%"), or raw embedding
+    coordinates (`absolute`, the release's σ = 20)."""
+    return float(init.float().pow(2).mean().sqrt()) if settings.sigma_scale == "rms" else 1.0
+
+
 @torch.no_grad()
 def run_dmlr(engine, prompt: PromptInput, settings: DmlrSettings, params: SamplingParams, seed: int) -> dict:
     """Optimise one item's thoughts on the native engine's model, then decode greedily after the best candidate."""
@@ -264,8 +272,7 @@ def run_dmlr(engine, prompt: PromptInput, settings: DmlrSettings, params: Sampli
     scorer = ModelScorer(engine.model.eval(), engine.tokens, prompt, settings.top_k)
     n = settings.tokens
     init = scorer.own_latents(n) if settings.init == "model" else scorer.embedding_latents(n)
-    scale = float(init.pow(2).mean().sqrt())  # sigma relative to the thoughts' own RMS: the paper's "10%"
-    result = LatentSearch(settings, scorer, torch.Generator().manual_seed(seed)).run(init, scale)
+    result = LatentSearch(settings, scorer, torch.Generator().manual_seed(seed)).run(init, noise_scale(init, settings))
     best = result.best
     patches = best.patches if settings.inject_in_decode else tuple(() for _ in best.patches)
     sample = engine.continue_from(scorer.continuation(best.latents, patches), params)[0]

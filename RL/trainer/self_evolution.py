@@ -5,6 +5,8 @@ answers each question N times (with latent blocks under `sampling_strategy=monet
 majority → solver rewards (soft self-consistency, then step agreement after the warm-up) and the proposer's entropy
 band-pass → advantages (EMA baseline or GRPO) → PPO updates of the solver adapter every step and of the proposer
 adapter every `proposer_update_freq` steps. Both adapters sit on one frozen base; the reference is the base itself.
+The KL to it is the sampled-token estimate or the released full-vocabulary KL (`self_evolution.kl`), and each role's
+β moves once per update or, as released, after every optimizer step (`self_evolution.kl_coef_update`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from rewards.proposer import proposer_reward
 from rewards.self_consistency import answer_stats
 from RL.trainer.base import RayTrainer, mean_dicts, timed
 from RL.trainer.batching import BatchMaker, logprob_diff, sampling_params
+from workers.self_evolution_worker import SelfEvolutionWorker
 
 ROLES = ("solver", "proposer")
 SOLVER_REWARD = "rewards/ireasoner.py:ireasoner_solver_reward"
@@ -43,6 +46,7 @@ def solver_reward_config(config) -> RewardConfig:
 class SelfEvolutionTrainer(RayTrainer):
     title = "self-evolution"
     policy_names = ROLES
+    worker_class = SelfEvolutionWorker  # the released KL options (self_evolution.kl, kl_coef_update)
 
     def __init__(self, config, pool, val_dataset, processor, total_steps: int):
         self.pool, self.val_dataset, self.processor = pool, val_dataset, processor
@@ -122,10 +126,15 @@ class SelfEvolutionTrainer(RayTrainer):
         agreement = self.policy.dispatch("compute_log_probs", shards, role, key)
         self.policy.dispatch("compute_ref_log_probs", shards, key)
         per_rank = [{"advantages": part} for part in self.advantages(role, batch, scores).chunk(self.world_size)]
-        beta = self.kl[role].value
+        beta, per_step = self.kl[role].value, self.se.kl_coef_update == "per_step"
+        extra = {"kl_state": self.kl[role].state_dict()} if per_step else {}
         metrics = mean_dicts(self.policy.dispatch("update_policy", shards, role, key, per_rank=per_rank,
-                                                  mini_batch_size=self.mini_batch_size(role), kl_coef=beta))
-        self.kl[role].update(metrics.get("actor/kl_loss", 0.0))
+                                                  mini_batch_size=self.mini_batch_size(role), kl_coef=beta, **extra))
+        after = metrics.pop("actor/kl_coef_after", None)
+        if per_step:  # the workers moved β after each optimizer step, all alike
+            self.kl[role].load_state_dict({"value": after})
+        else:
+            self.kl[role].update(metrics.get("actor/kl_loss", 0.0))
         renamed = {f"{role}/{name.split('/', 1)[1]}": value for name, value in metrics.items()}
         return {**renamed, f"{role}/kl_coef": beta, f"{role}/baseline": self.baselines[role],
                 f"{role}/logprob_diff": logprob_diff(agreement)}

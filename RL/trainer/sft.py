@@ -71,9 +71,15 @@ class SFTTrainer(RayTrainer):
 
     # ---- monet3's targets ----------------------------------------------------------------------------------------
     def write_targets(self) -> LatentTargets:
-        """The stage-2 model's latents on every row, written by the ranks in parts of sft.batch_size rows."""
+        """The stage-2 model's states at the latent pads (the layers of sft.align_layers) on every row, written by the
+        ranks in parts of sft.batch_size rows."""
         store = LatentTargets(self.sft.latent_targets)
         if store.complete():
+            written = store.manifest().get("align_layers", "last")  # targets written before the key: the latents
+            if written != self.align_layers:
+                raise ValueError(f"sft.align_layers: {self.sft.latent_targets} holds the stage-2 states of "
+                                 f"align_layers={written!r}, this run asks for {self.align_layers!r}; delete the "
+                                 "folder or set sft.latent_targets to another one")
             return store
         ids = self.dataset.row_ids
         duplicates = sorted({row for row in ids if ids.count(row) > 1})
@@ -88,8 +94,14 @@ class SFTTrainer(RayTrainer):
                 crash_point("latent_targets", part)
         self.policy.call("release_teacher")
         store.finish({"rows": len(self.dataset), "latent_size": self.sft.latent_size,
-                      "teacher_path": self.sft.teacher_path})
+                      "teacher_path": self.sft.teacher_path, "align_layers": self.align_layers})
         return store
+
+    @property
+    def align_layers(self) -> str | list[int]:
+        """`sft.align_layers` as plain JSON (all, last or a list of ints)."""
+        layers = self.sft.align_layers
+        return layers if isinstance(layers, str) else [int(layer) for layer in layers]
 
     def _write_part(self, store: LatentTargets, part: int, indices: list[int]) -> None:
         keep = [True] * len(indices)
@@ -98,6 +110,7 @@ class SFTTrainer(RayTrainer):
         items = [self.dataset.item(index, "hidden") for index in indices]
         batch = collate_sft(items, self.pad_id)
         batch.non_tensors["write"] = object_array(keep)
+        batch.meta["align_layers"] = self.align_layers  # which layers' states the teacher stores
         paths = [{"path": str(store.shard_path(part, rank))} for rank in range(self.world_size)]
         self.policy.dispatch("write_latent_targets", batch, per_rank=paths)
         store.mark_done(part)

@@ -7,7 +7,9 @@ supervised tokens of the whole step (w = `sft.observation_weight` on observation
            teacher being the frozen stage-1 model with the auxiliary images; its gradient reaches the parameters only
            through the latents: D = A − A|z (the same A with the latents detached), whose value is 0 and whose
            gradient is dA/dθ − ∂A/∂θ|z = Σ_k ∂A/∂z_k · dz_k/dθ;
-- monet3:  mean over latents of 1 − cos(z_k, z*_k), z* the stored stage-2 latents;
+- monet3:  mean over latents and `sft.align_layers` of 1 − cos(h_l(p_k), h*_l(p_k)) at each latent pad p_k, h* the
+           stored stage-2 states; layers as transformers numbers them, 0 being the pad's input (its latent z_k):
+           all = 0..N (Monet's released `--alignment_layer all_layers`), last = [0], the latents alone;
 - mirage1: mean over latents of 1 − cos(h(p_k − 1), c_k), the helper image's merged patches mean-pooled into K chunks
            c_k and fed as the latents (teacher forcing);
 - mirage2: none (CE with the hidden-state recurrence).
@@ -121,6 +123,27 @@ def resolve_layers(align_layers, num_layers: int) -> list[int]:
     return sorted(int(layer) for layer in align_layers)
 
 
+def latent_layers(align_layers, num_layers: int) -> list[int]:
+    """monet3's `sft.align_layers` at the latent pads, numbered as transformers' `hidden_states`: 0 = the pad's input,
+    i.e. its latent (the final state of the position before), 1..N−1 the decoder layers' outputs, N the final post-norm
+    state. all: 0..N, what Monet's stage 3 aligns (`--alignment_layer all_layers`); last: [0], the latents only."""
+    if align_layers == "all":
+        return list(range(num_layers + 1))
+    if align_layers == "last":
+        return [0]
+    layers = sorted(int(layer) for layer in align_layers)
+    if layers[0] < 0 or layers[-1] > num_layers:
+        raise ValueError(f"sft.align_layers: monet3 aligns layers 0..{num_layers} of this model, got {align_layers!r}")
+    return layers
+
+
+def pad_states(out, latents, pads, layers: list[int], num_layers: int) -> torch.Tensor:
+    """(latents, layers, D): the states at the latent pads (bool (B, L), row-major like `latents`), layer 0 being the
+    latents themselves."""
+    return torch.stack([latents if layer == 0 else (out.hidden_states if layer == num_layers else out.layers[layer])
+                        [pads] for layer in layers], dim=1)
+
+
 def layer_states(hidden, captured: dict, layers: list[int], num_layers: int, positions) -> torch.Tensor:
     """(items, layers, D): the chosen layers' states at `positions` (bool (B, L)); layer N is the post-norm state."""
     return torch.stack([(hidden if layer == num_layers else captured[layer])[positions] for layer in layers], dim=1)
@@ -184,13 +207,29 @@ def teacher_states(teacher, micro, layers: list[int], padding_free: bool) -> tor
 
 
 def monet3_loss(policy: Policy, micro, counts: GlobalCounts, config, teacher=None):
+    module = policy.model.module
+    num_layers = base_model(module).config.text_config.num_hidden_layers
+    layers = latent_layers(config.sft.align_layers, num_layers)
     inputs = model_batch(micro, policy.model.device)
-    out, latents = student_forward(policy.model.module, micro, inputs,
+    out, latents = student_forward(module, micro, inputs, layers=[layer for layer in layers if 0 < layer < num_layers],
                                    checkpoint=config.worker.actor.model.enable_gradient_checkpointing)
-    targets = torch.cat(list(micro.non_tensors["targets"])).to(latents.device)
-    align = cosine_share(latents, targets, micro.meta["align_items"])
+    targets = stored_targets(micro, len(layers)).to(latents.device)
+    pads = inputs["input_ids"] == base_model(module).latent_tokens.pad
+    states = pad_states(out, latents, pads, layers, num_layers)
+    align = cosine_share(states, targets, micro.meta["align_items"] * len(layers))
     ce = weighted_ce(out.logits, inputs["input_ids"], micro.tensors["response_mask"].to(latents.device), counts)
     return compose(policy, ce, align, config.sft)
+
+
+def stored_targets(micro, num_layers: int) -> torch.Tensor:
+    """(latents, layers, D) stage-2 states of the micro-batch; refuses targets written for other `sft.align_layers`
+    (targets of one layer may be stored (n, D), as before the layers were stored)."""
+    targets = torch.cat([t if t.dim() == 3 else t[:, None] for t in micro.non_tensors["targets"]])
+    if targets.shape[1] != num_layers:
+        raise ValueError(f"sft.align_layers: the stored stage-2 targets hold {targets.shape[1]} layers per latent, "
+                         f"the setting asks for {num_layers}; delete sft.latent_targets (or point it elsewhere) to "
+                         "write them again")
+    return targets
 
 
 def mirage1_loss(policy: Policy, micro, counts: GlobalCounts, config, teacher=None):
@@ -244,14 +283,20 @@ def sft_update(policy: Policy, batch, config, stage: str, teacher=None) -> dict:
 # ---- the stage-2 latents that monet3 learns -------------------------------------------------------------------
 @torch.no_grad()
 def stage2_latents(teacher, batch, micro_size: int) -> list[torch.Tensor]:
-    """Per sample, the latents (n, D) the stage-2 model produces on its own layout (auxiliary image + block)."""
+    """Per sample, the states (n, layers, D) the stage-2 model produces at its latent pads on its own layout
+    (auxiliary image + block), for the layers `batch.meta["align_layers"]` (`sft.align_layers`, `latent_layers`)."""
     teacher.module.eval()
     pad = base_model(teacher.module).latent_tokens.pad
+    num_layers = base_model(teacher.module).config.text_config.num_hidden_layers
+    layers = latent_layers(batch.meta.get("align_layers", "last"), num_layers)
     per_sample = []
     for micro in batch.split(micro_size):
         inputs = model_batch(micro, teacher.device)
-        _, latents = student_forward(teacher.module, micro, inputs, compute_logits=False)
-        per_sample += list(torch.split(latents.cpu(), (micro.tensors["input_ids"] == pad).sum(-1).tolist()))
+        pads = inputs["input_ids"] == pad
+        out, latents = student_forward(teacher.module, micro, inputs, compute_logits=False,
+                                       layers=[layer for layer in layers if 0 < layer < num_layers])
+        states = pad_states(out, latents, pads, layers, num_layers).cpu()
+        per_sample += list(torch.split(states, pads.sum(-1).tolist()))
     return per_sample
 
 

@@ -1,8 +1,10 @@
 """VITA-RMM's reasoning memory: typed entries, the buffer rendered into the retry prompt, the critic's and the memory
-writer's prompts, and the writers (the evaluated model, a local model, or an OpenAI-compatible API).
+manager's prompts, and the chat API client both can use.
 
 None of these prompts takes the gold answer: the critic judges the reasoning alone (VITA-RMM's benchmark scripts
-passed the gold answer to the critic, which made the loop oracle-assisted).
+passed the gold answer to the critic, which made the loop oracle-assisted). The memory manager's prompt
+(`manager_prompt`) is one text for the simulation's training rows, the SFT of the manager and its use in evaluation:
+VITA-RMM trained on one prompt and ran inference on another.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ CRITIC_INSTRUCTION = (
     "Check the proposed solution to the question about the image. Look at the image again, verify each step and the "
     "final answer, and name any error (misreading, wrong fact, faulty step, missing step). End with one line: "
     "VERDICT: correct, or VERDICT: incorrect.")
+FEEDBACK_SYSTEM = "You are an expert evaluator helping improve reasoning."  # VITA-RMM's, for a chat API critic
 MEMORY_SYSTEM = (
     "You maintain the memory of a visual reasoning model that retries a question after a self-critique. Write a few "
     "short, factual memory entries that will help its next attempt, one per line, each starting with [CORRECTION] "
@@ -57,7 +60,10 @@ class MemoryBuffer:
         self.entries = list(entries or [])
 
     def add(self, entries: list[MemoryEntry]) -> None:
-        self.entries += entries
+        """Append the entries not already held (same type and content): a fact learned twice is one memory."""
+        for entry in entries:
+            if not any((e.entry_type, e.content) == (entry.entry_type, entry.content) for e in self.entries):
+                self.entries.append(entry)
 
     def get(self, entry_id: str) -> MemoryEntry | None:
         return next((entry for entry in self.entries if entry.id == entry_id), None)
@@ -68,11 +74,16 @@ class MemoryBuffer:
     def clear(self) -> None:
         self.entries = []
 
-    def render(self) -> str:
-        """"## Memory Buffer" and one "- [TYPE] content" line per entry; "" when empty."""
-        if not self.entries:
+    def render(self, limit: int = 0) -> str:
+        """"## Memory Buffer" and one "- [TYPE] content" line per entry (the newest `limit`, 0 = all); "" when
+        empty."""
+        shown = self.entries[-limit:] if limit > 0 else self.entries
+        if not shown:
             return ""
-        return "## Memory Buffer\n" + "\n".join(f"- [{e.entry_type.upper()}] {e.content}" for e in self.entries)
+        return "## Memory Buffer\n" + "\n".join(f"- [{e.entry_type.upper()}] {e.content}" for e in shown)
+
+    def copy(self) -> "MemoryBuffer":
+        return MemoryBuffer(self.entries)
 
 
 def parse_entries(text: str, origin: str) -> list[MemoryEntry]:
@@ -86,9 +97,15 @@ def parse_entries(text: str, origin: str) -> list[MemoryEntry]:
         if text else []
 
 
-def with_memory(question: str, memory: MemoryBuffer) -> str:
-    """The retry's question: the memory first, then the question (its `<image>` markers kept)."""
-    rendered = memory.render()
+def typed_text(entries: list[MemoryEntry]) -> str:
+    """Entries as the manager is trained to write them: one `[TYPE] content` line each."""
+    return "\n".join(f"[{entry.entry_type.upper()}] {entry.content}" for entry in entries)
+
+
+def with_memory(question: str, memory: MemoryBuffer, limit: int = 0) -> str:
+    """An attempt's question: the memory first (its newest `limit` entries), then the question (its `<image>` markers
+    kept)."""
+    rendered = memory.render(limit)
     if not rendered:
         return question
     return f"{rendered}\nUse the memory above to avoid your earlier mistakes.\n\n{question}"
@@ -106,30 +123,38 @@ def parse_critic(text: str) -> bool | None:
     return None if not found else found[-1].lower() == "correct"
 
 
-def memory_request(question: str, response: str, critique: str, memory: MemoryBuffer) -> str:
-    """The writer's user message: the question (text only), the attempt, its critique and the current buffer."""
+def memory_request(question: str, response: str, critique: str, memory: MemoryBuffer, limit: int = 0) -> str:
+    """The manager's user message: the question (text only), the attempt, its critique and the current buffer (its
+    newest `limit` entries)."""
     return (f"[Question]\n{question}\n\n[Reasoning]\n{response}\n\n[Feedback]\n{critique}\n\n[Current memory]\n"
-            f"{memory.render() or '(empty)'}")
+            f"{memory.render(limit) or '(empty)'}")
 
 
-class ApiMemoryWriter:
-    """Memory from an OpenAI-compatible (or Gemini) chat model through the judge's provider clients; the judge's
-    timeout, retries, backoff, concurrency and request settings apply. A failed request adds no memory."""
+def manager_prompt(request: str) -> str:
+    """The whole text a local memory manager reads (chat-templated as the user turn), in simulation rows, SFT and
+    evaluation alike; a chat API gets MEMORY_SYSTEM as its system message and `request` as the user message."""
+    return f"{MEMORY_SYSTEM}\n\n{request}"
 
-    def __init__(self, model: str, base_url: str, judge_config):
-        self.config = judge_config
+
+class ApiChat:
+    """Replies of an OpenAI-compatible (or Gemini) chat model through the judge's provider clients; the judge's
+    timeout, retries, backoff, concurrency and request settings apply. A failed request replies "" (no feedback or
+    no memory this round, never a crash)."""
+
+    def __init__(self, model: str, base_url: str, judge_config, system: str):
+        self.config, self.system = judge_config, system
         self.provider = make_provider(model, base_url, judge_config.timeout_s, judge_config.api_kwargs)
 
-    def write(self, requests: list[str]) -> list[str]:
-        with ThreadPoolExecutor(max(1, min(int(self.config.max_concurrency), len(requests) or 1))) as pool:
-            return list(pool.map(self._complete, requests))
+    def __call__(self, users: list[str]) -> list[str]:
+        with ThreadPoolExecutor(max(1, min(int(self.config.max_concurrency), len(users) or 1))) as pool:
+            return list(pool.map(self._complete, users))
 
     def _complete(self, user: str) -> str:
         for attempt in range(int(self.config.max_retries) + 1):
             try:
-                return self.provider.complete(MEMORY_SYSTEM, user) or ""
-            except Exception as error:  # noqa: BLE001 - a failed write means no memory this round, not a crash
-                logger.warning("memory writer attempt %d failed: %s", attempt + 1, mask_text(f"{type(error).__name__}"))
+                return self.provider.complete(self.system, user) or ""
+            except Exception as error:  # noqa: BLE001 - a failed request means no text this round, not a crash
+                logger.warning("RMM chat API attempt %d failed: %s", attempt + 1, mask_text(f"{type(error).__name__}"))
                 if not is_retryable(error) or attempt == self.config.max_retries:
                     return ""
                 time.sleep(backoff_delay(attempt, self.config.retry_backoff_s, retry_after_seconds(error)))
@@ -137,11 +162,15 @@ class ApiMemoryWriter:
 
 
 def check_memory_credentials(eval_config) -> None:
-    """Refuse `eval.rmm_memory_model=api:NAME` when NAME's key variable is unset, before anything loads."""
-    spec = eval_config.rmm_memory_model
-    if eval_config.method != "rmm" or not spec.startswith("api:"):
+    """Refuse `eval.rmm_memory_model` or `eval.rmm_feedback_model` = api:NAME when NAME's key variable is unset,
+    before anything loads."""
+    if eval_config.method != "rmm":
         return
-    variable = provider_spec(spec[4:], eval_config.rmm_api_base_url).key_var
-    if not os.environ.get(variable):
-        raise JudgeCredentialsError(f"eval.rmm_memory_model={spec} needs the environment variable {variable}, which "
-                                    "is not set")
+    for key in ("rmm_feedback_model", "rmm_memory_model"):
+        spec = getattr(eval_config, key)
+        if not spec.startswith("api:"):
+            continue
+        variable = provider_spec(spec[4:], eval_config.rmm_api_base_url).key_var
+        if not os.environ.get(variable):
+            raise JudgeCredentialsError(f"eval.{key}={spec} needs the environment variable {variable}, which is not "
+                                        "set")

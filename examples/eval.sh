@@ -3,6 +3,8 @@
 #
 #   bash examples/eval.sh MODEL_DIR data.val_files=FILE [method=direct|dmlr|rmm] [ablate=zero,shuffle,noise,text] \
 #       [worker.rollout.name=native|vllm] [name=NAME] [key=value ...]
+#   ... eval.endpoint=http://127.0.0.1:8000/v1 [eval.endpoint_model=NAME]   # answers from an OpenAI-compatible
+#       endpoint (python -m tools.serve, or an API model with EVAL_ENDPOINT_API_KEY) instead of Ray workers
 #
 # FILE: the project's rows (json/jsonl/parquet: problem, answer, images), DMLR's JSON list or a VLMEvalKit TSV.
 # Results: runs/eval/<name>/ (per-item <pass>.jsonl, summary.json, summary.md); re-running resumes. LATENT_SIZE sets

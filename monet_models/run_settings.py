@@ -34,7 +34,8 @@ CONFIG_KEYS = {
 ROLE_PROMPTS = {"solver": "self_evolution.solver_prompt", "proposer": "self_evolution.proposer_prompt"}
 FIELD_TYPES = {"latent_size": int, "sampling_strategy": str, "latent_noise_std": (int, float),
                "latent_noise_scale": str, "min_pixels": int, "max_pixels": int, "max_response_length": int,
-               "format_prompt": str, "stop_tokens": list}
+               "format_prompt": str, "stop_tokens": list,
+               "latent_render": str}  # optional, written by hand: how tools.serve shows blocks (count | omit)
 
 
 class RunSettingsError(ValueError):

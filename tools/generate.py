@@ -85,6 +85,9 @@ def build_prompt(processor, text: str, image_paths: list[str], settings: dict | 
 
 def build_engine(args, dtype: str, prompt_length: int = 0):
     if args.engine == "vllm":
+        import os
+
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout holds only the responses
         from workers.rollout.vllm_engine import VLLMRolloutEngine
 
         # one request's worth of engine: what the CPU KV cache is sized from when --kv-cache-gb is not given

@@ -25,8 +25,9 @@ class Evaluation:
     processor: object
     dataset: object
     judge: object
-    group: object
+    group: object  # the Ray workers, or None when an endpoint answers
     folder: Path
+    endpoint: object = None  # endpoint.EndpointAnswers when eval.endpoint is set
 
     @functools.cached_property
     def tokens(self) -> LatentTokens:
@@ -56,13 +57,19 @@ class Evaluation:
 
     def row(self, index: int, item: dict, sample, **fields) -> dict:
         """The per-item result of one response (cost fields default to those of a plain decode)."""
-        ids, extra, truth = len(sample.response_ids), item.get("extra") or {}, str(item["ground_truth"])
+        return self.text_row(index, item, self.render(sample), sample.finish_reason, len(sample.response_ids),
+                             len(sample.block_positions), sample.num_latents, **fields)
+
+    def text_row(self, index: int, item: dict, response: str, finish_reason: str, tokens: int, blocks: int,
+                 latents: int, **fields) -> dict:
+        """The per-item result of a rendered response (what an endpoint returns: text and its token count)."""
+        extra, truth = item.get("extra") or {}, str(item["ground_truth"])
         options = extra.get("options") if isinstance(extra.get("options"), dict) else {}  # a TSV's choices
         return {"index": index, "id": item["row_id"], "question": item["question"], "ground_truth": truth,
                 "ground_truth_text": options.get(truth), "category": extra.get(self.config.eval.category_column),
-                "prompt": item["raw_prompt"], "response": self.render(sample), "blocks": len(sample.block_positions),
-                "latents": sample.num_latents, "answer_tokens": ids, "tokens": ids, "forwards": ids,
-                "finish_reason": sample.finish_reason, **fields}
+                "prompt": item["raw_prompt"], "response": response, "blocks": blocks, "latents": latents,
+                "answer_tokens": tokens, "tokens": tokens, "forwards": tokens, "finish_reason": finish_reason,
+                **fields}
 
 
 def shards(count: int, world: int) -> list[np.ndarray]:

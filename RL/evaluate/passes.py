@@ -35,6 +35,8 @@ class DirectPass:
         ev = self.evaluation
         items = [ev.dataset[i] for i in indices]
         seed = derive_seed(ev.config.eval.seed, "direct", "batch", batch)
+        if ev.endpoint is not None:
+            return ev.endpoint.rows(ev, indices, items, ev.params(), seed)
         samples = ev.generate([item_prompt(item) for item in items], ev.params(), seed)
         if self.record:
             save_latents(latent_dir(ev), indices, samples)
@@ -54,6 +56,8 @@ class AblationPass:
             given = [torch.load(latent_dir(ev) / f"{self.donors[i]}.pt", map_location="cpu", weights_only=True)
                      for i in indices]
         seed = derive_seed(ev.config.eval.seed, self.name, "batch", batch)
+        if ev.endpoint is not None:  # `text` only (the config checks)
+            return ev.endpoint.rows(ev, indices, items, ev.params(**OVERRIDES[self.kind]), seed)
         samples = ev.generate([item_prompt(item) for item in items], ev.params(**OVERRIDES[self.kind]), seed, given)
         extra = lambda index: {"donor": self.donors[index]} if self.donors else {}  # noqa: E731
         return [ev.row(index, item, sample, **extra(index)) for index, item, sample in zip(indices, items, samples)]

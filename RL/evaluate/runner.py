@@ -39,10 +39,16 @@ def evaluate(config, group=None) -> dict:
     processor = load_processor(config.worker.actor.model.model_path)
     files = prepare_files(config.data.val_files, folder, config.data)
     dataset = RLPromptDataset(files, processor, config.data, max_samples=config.data.val_max_samples, name="eval")
-    owned = group is None
-    group = group or start_workers(config)
+    endpoint = None
+    if config.eval.endpoint:
+        from RL.evaluate.endpoint import EndpointAnswers
+
+        endpoint = EndpointAnswers(config.eval.endpoint, config.eval.endpoint_model)
+    owned = group is None and endpoint is None
+    if owned:
+        group = start_workers(config)
     try:
-        evaluation = Evaluation(config, processor, dataset, build_judge(config, folder), group, folder)
+        evaluation = Evaluation(config, processor, dataset, build_judge(config, folder), group, folder, endpoint)
         for name in pass_names(config.eval):
             run_pass(evaluation, name)
     finally:
@@ -112,6 +118,8 @@ def pass_settings(config, name: str) -> dict:
         "latent_size": config.worker.rollout.latent_size, "seed": ev.seed, "batch_size": ev.batch_size,
         "judge": config.worker.rule_based_judge.api_name,
     }
+    if ev.endpoint:  # the answers come from there (the model folder only prepared the items)
+        settings.update(engine="endpoint", endpoint=ev.endpoint, endpoint_model=ev.endpoint_model)
     prefix = {"dmlr": "dmlr_", "rmm": "rmm_"}.get(name)
     if prefix:
         settings.update({key: value for key, value in dataclasses.asdict(ev).items() if key.startswith(prefix)})
@@ -141,6 +149,9 @@ def write_summary(folder: Path, config) -> dict:
                        "folder": str(folder), "passes": passes})
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (folder / "summary.md").write_text(markdown(summary))
+    from RL.plots import plot_evaluation  # matplotlib: loaded only once there is a summary to draw
+
+    plot_evaluation(summary, folder / "summary.png")
     return summary
 
 

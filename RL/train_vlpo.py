@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from RL.checkpoint import complete_steps, read_summary
-from RL.config import ConfigError, load_config, to_yaml, total_training_steps
+from RL.config import ConfigError, load_config, total_training_steps
 from RL.preflight import preflight
+from RL.run_config import RUN_INPUTS, refuse_changed_inputs, warn_changed_inputs, write_run_config
 from common.cli import run_cli
 from rewards.judges import JudgeCredentialsError, check_judge_credentials
 
@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def finished_message(config) -> str | None:
-    """'run X is complete at step N ...' when the newest checkpoint already reached the run's last step."""
+    """'run X is complete at step N ...' when the newest checkpoint already reached the run's last step; a
+    ConfigError naming the keys when this command's data or model settings are not the run's."""
     steps = complete_steps(config.trainer.run_dir) if config.trainer.resume else []
     if not steps:
         return None
@@ -32,6 +33,7 @@ def finished_message(config) -> str | None:
     total = config.trainer.max_steps or read_summary(folder).get("total_steps")
     if total is None or step < total:
         return None
+    refuse_changed_inputs(config, f"is complete at step {step} ({folder})", RUN_INPUTS, "trainer.max_steps")
     return (f"run {config.trainer.experiment_name} is complete at step {step} ({folder}); raise trainer.max_steps "
             "to continue, or set trainer.resume=false to start over")
 
@@ -45,9 +47,7 @@ def prepare_run(config) -> None:
         logger.warning("worker.rollout.monet.latent_noise_std=0: latents are the policy's means on-policy, so the "
                        "latent Gaussian terms have no gradient and VLPO trains the text only (Monet's behaviour); "
                        "set a small noise to train the latents too")
-    run_dir = Path(config.trainer.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    to_yaml(config, redact=True, path=run_dir / "config.yaml")
+    write_run_config(config)
 
 
 def build_trainer(config):
@@ -75,6 +75,7 @@ def run(config, build) -> int:
     if message:
         print(message)
         return 0
+    warn_changed_inputs(config)
     preflight(config)
     trainer = build(config)
     try:

@@ -1,6 +1,9 @@
-# Sourced by the launch scripts with their arguments (`source common.sh "$@"`): `--help`, the repository root as
-# working folder, the Python to use, the environment every run wants, the two questions that pick the embedded default
+# Sourced by the launch scripts with their arguments (`source common.sh "$@"`): `--help`, the repository's place
+# ($REPO), the Python to use, the environment every run wants, the two questions that pick the embedded default
 # (a model given? a GPU here?), DRY_RUN, and the inputs and seals of the embedded warm starts.
+# The scripts stay in the folder they were started from, so every relative path the user gives (data.train_files,
+# a model, config=, trainer.save_dir, --out) means what it means in that folder, as with `python -m ...`; the
+# scripts' own files are named from $REPO, and PYTHONPATH carries the repository to Python and its Ray workers.
 LAUNCH_SCRIPT="$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)/$(basename "${BASH_SOURCE[1]}")"
 
 # `--help` / `-h` anywhere: the script's header comment, and nothing else (no model is built, no torch imported).
@@ -10,14 +13,18 @@ for arg in "$@"; do
   esac
 done
 
-# The embedded folder and the toy data may be moved (tests do); a relative path is the caller's, made absolute before
-# the cd (and exported so, for the scripts this one runs).
+# The embedded folder and the toy data may be moved (tests do); a relative path is the caller's, made absolute (and
+# exported so, for the scripts this one runs).
 [ -z "${EMBEDDED_DIR:-}" ] || export EMBEDDED_DIR="$(realpath -m -- "$EMBEDDED_DIR")"
 [ -z "${TOY_DIR:-}" ] || export TOY_DIR="$(realpath -m -- "$TOY_DIR")"
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-EMBEDDED="${EMBEDDED_DIR:-runs/_embedded}"
-TOY="${TOY_DIR:-examples/toy_data/generated}"
-PYTHON="${PYTHON:-.venv/bin/python}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+EMBEDDED="${EMBEDDED_DIR:-$REPO/runs/_embedded}"
+TOY="${TOY_DIR:-$REPO/examples/toy_data/generated}"
+# The toy task the embedded defaults write into $TOY: pointer (RL/toy_pointer_task.py: "what colour is the cell the
+# arrow points to?", Monet rows zooming into the target) or shapes (RL/toy_task.py). docs/evaluation.md §6.
+TOY_TASK="${TOY_TASK:-shapes}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 export LATENT_SIZE="${LATENT_SIZE:-10}"
 export TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
@@ -66,12 +73,14 @@ build_once() {
 
 # The tiny offline model and the toy task (every file the embedded defaults read: RL rows, Monet and Mirage SFT rows,
 # the proposer/solver warm-start rows), rebuilt when missing or made by another version of their generator.
-toy_prompts=(examples/format_prompt/toy_proposer.jinja examples/format_prompt/toy_solver.jinja)
+toy_prompts=("$REPO/examples/format_prompt/toy_proposer.jinja" "$REPO/examples/format_prompt/toy_solver.jinja")
 ensure_toy_inputs() {
-  build_once "$EMBEDDED/tiny_model/BUILD_OK" "$(content_hash monet_models/tiny_model.py RL/toy_task.py)" \
+  build_once "$EMBEDDED/tiny_model/BUILD_OK" "$(content_hash "$REPO/monet_models/tiny_model.py" "$REPO/RL/toy_task.py")" \
     "$PYTHON" -m tools.make_tiny_model --out "$EMBEDDED/tiny_model"
-  build_once "$TOY/TOY_OK" "$(content_hash RL/toy_task.py "${toy_prompts[@]}")" \
-    "$PYTHON" -m tools.toy_task --out "$TOY" --sft --selfplay-prompts "${toy_prompts[@]}"
+  [[ "$TOY_TASK" == pointer || "$TOY_TASK" == shapes ]] || fail "TOY_TASK=$TOY_TASK: give pointer or shapes"
+  build_once "$TOY/TOY_OK" "$TOY_TASK-$(content_hash "$REPO/RL/toy_task.py" "$REPO/RL/toy_pointer_task.py" \
+      "${toy_prompts[@]}")" \
+    "$PYTHON" -m tools.toy_task --task "$TOY_TASK" --out "$TOY" --sft --selfplay-prompts "${toy_prompts[@]}"
 }
 
 # A warm start's seal: its model folder's SFT_OK holds the settings it was built with, one `name=value` a line, so a

@@ -20,7 +20,7 @@ source "$(dirname "$0")/common.sh" "$@"
 
 if ! model_given "$@" && ! has_gpu; then
   embedded_env
-  CONFIG=examples/config/ireasoner_tiny_cpu.yaml
+  CONFIG="$REPO/examples/config/ireasoner_tiny_cpu.yaml"
   MODEL="$EMBEDDED/tiny_selfplay_model"
   ensure_toy_inputs
   # The default SFT stage (mirage2): the given responses, each <latent> a block fed back its hidden states. The full
@@ -48,5 +48,5 @@ fi
 if ! model_given "$@"; then
   fail "give the base model: worker.actor.model.model_path=/path/to/Qwen2.5-VL-7B-Instruct"
 fi
-run_last "$PYTHON" -m RL.train_self_evolution config=examples/config/ireasoner.yaml worker.rollout.latent_size="$LATENT_SIZE" \
+run_last "$PYTHON" -m RL.train_self_evolution config="$REPO/examples/config/ireasoner.yaml" worker.rollout.latent_size="$LATENT_SIZE" \
   "$@"

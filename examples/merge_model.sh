@@ -7,7 +7,6 @@
 # Extra options go to tools.merge_model (--out DIR, --dtype auto|fp32|bf16|fp16, --adapter-only).
 set -euo pipefail
 STEP_DIR="${1:-}"
-[[ -d "$STEP_DIR" ]] && STEP_DIR="$(cd "$STEP_DIR" && pwd)"  # before common.sh moves to the repository root
 source "$(dirname "$0")/common.sh" "$@"
 if [[ -z "$STEP_DIR" ]]; then
   echo "usage: [ROLE=solver] bash examples/merge_model.sh RUN_STEP_DIR [ROLE] [--out DIR]" \

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from common.atomic import umask_permissions
 from monet_models.latent_tokens import LATENT_END, LATENT_PAD, LATENT_START, LatentTokens
 from monet_models.processor import ImageOnlyQwen2_5_VLProcessor, load_processor
 from monet_models.transformers import LatentQwen2_5_VLForConditionalGeneration
@@ -192,6 +193,7 @@ def build_tiny_model(out_dir: str | Path, task_text: list[str], seed: int = 0, s
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    umask_permissions(out)  # safetensors writes its file 0600
     return out
 
 

@@ -146,3 +146,37 @@ def test_rng_state_survives_list_conversion():
     state["python"] = [state["python"][0], list(state["python"][1]), state["python"][2]]
     set_rng_state(state)
     assert draws() == expected
+
+
+def test_a_finished_run_started_again_names_the_data_and_model_keys_that_changed(tmp_path):
+    """A finished run says "complete" for the same command, and for one with other data or another model names the
+    keys that differ (VLPO / self-evolution, then SFT, whose stage and K define its run too)."""
+    from common.checkpoint_layout import SAVE_OK
+    from RL.config import ConfigError, load_config
+    from RL.run_config import write_run_config
+    from RL.train_sft import run_sft, sft_run_config
+    from RL.train_vlpo import finished_message
+
+    def finish(config):
+        write_run_config(config)
+        step = Path(config.trainer.run_dir) / "step_000002"
+        step.mkdir()
+        (step / SAVE_OK).write_text('{"step": 2, "total_steps": 2}\n')
+
+    base = [f"trainer.save_dir={tmp_path}", "trainer.experiment_name=done", f"data.train_files={tmp_path}/a.jsonl",
+            f"worker.actor.model.model_path={tmp_path}/model", "worker.rule_based_judge.api_name="]
+    finish(load_config(base))
+    assert "is complete at step 2" in finished_message(load_config(base))
+    assert "is complete" in finished_message(load_config(base + ["trainer.logger=[jsonl]"]))  # not an input
+    with pytest.raises(ConfigError) as refused:
+        finished_message(load_config(base + [f"data.train_files={tmp_path}/b.jsonl", "data.max_pixels=4000000"]))
+    message = str(refused.value)
+    assert f"data.train_files: '{tmp_path}/a.jsonl' -> '{tmp_path}/b.jsonl'" in message
+    assert "data.max_pixels: " in message and "-> 4000000" in message and "model_path" not in message
+    assert "trainer.experiment_name" in message and "trainer.resume=false" in message
+
+    sft = base + ["sft.stage=mirage2", "sft.latent_size=4"]
+    finish(sft_run_config(load_config(sft, require_inputs=False)))
+    with pytest.raises(ConfigError, match=r"sft\.latent_size: 4 -> 6") as refused:
+        run_sft(load_config(sft + ["sft.latent_size=6"], require_inputs=False))
+    assert "data." not in str(refused.value) and "raise sft.steps" in str(refused.value)

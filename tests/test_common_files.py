@@ -1,6 +1,7 @@
 """The shared homes of issue 16: atomic writes (common/atomic.py), torn-line JSONL reading (common/jsonl.py) and
 padding (common/padding.py), each tested once here for every module that uses it."""
 import json
+import os
 
 import pytest
 import torch
@@ -32,6 +33,25 @@ def test_atomic_path_replaces_a_folder(tmp_path):
         (partial / "config.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert not (tmp_path / "huggingface.partial").exists()
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_what_appears_has_the_permissions_the_umask_gives(umask, file_mode, folder_mode, tmp_path):
+    """A writer that makes its files private (safetensors: 0600) or its folder with mkdtemp (0700) leaves them as a
+    plain open()/mkdir() would under the umask: widened to 0644/0755 under 022, left private under 077."""
+    previous = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "model") as partial:
+            (partial / "sub").mkdir(parents=True, mode=0o700)
+            (partial / "sub").chmod(0o700)
+            for path in (partial / "model.safetensors", partial / "sub" / "part.bin"):
+                path.write_bytes(b"weights")
+                path.chmod(0o600)
+    finally:
+        os.umask(previous)
+    model = tmp_path / "model"
+    assert {path.name: path.stat().st_mode & 0o777 for path in [model, *model.rglob("*")]} == {
+        "model": folder_mode, "sub": folder_mode, "model.safetensors": file_mode, "part.bin": file_mode}
 
 
 def test_a_torn_last_line_is_dropped(tmp_path):

@@ -107,7 +107,7 @@ def test_derived_keys_cannot_be_set():
      ["worker.rollout.monet.select_acc_threshold"]),
     (["algorithm.disable_kl=true"], ["algorithm.disable_kl", "algorithm.use_kl_loss"]),
     (["algorithm.kl_penalty=huge"], ["algorithm.kl_penalty"]),
-    (["trainer.logger=[console,mlflow]"], ["trainer.logger"]),
+    (["trainer.logger=[console,comet]"], ["trainer.logger"]),
     (["trainer.n_gpus_per_node=3"], ["trainer.n_gpus_per_node"]),
     (["data.min_pixels=100", "data.max_pixels=10"], ["data.min_pixels", "data.max_pixels"]),
     (["worker.rollout.val_override_config={beam: 2}"], ["worker.rollout.val_override_config"]),

@@ -60,16 +60,21 @@ def load_merged(folder):
 
 
 def test_full_weights_merge_via_script_is_exact(tiny_model_dir, tmp_path):
+    """merge_model.sh with paths relative to the folder it is run from, under umask 022: the merged folder lands
+    there, every file readable as the umask leaves it (safetensors alone writes 0600), and its logits are exact."""
     model, processor = perturbed_model(tiny_model_dir)
     step_dir = write_checkpoint(tmp_path / "step_000050", model, processor)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", str(ROOT / "examples" / "merge_model.sh"), str(step_dir)], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    script = ROOT / "examples" / "merge_model.sh"
+    result = subprocess.run(["bash", "-c", f"umask 022 && exec bash {script} step_000050 --out merged"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    merged, merged_processor = load_merged(step_dir / "huggingface")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "merged").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    merged, merged_processor = load_merged(tmp_path / "merged")
     assert type(merged).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert torch.equal(logits(merged, merged_processor), logits(model, processor))
-    assert not (step_dir / "huggingface.partial").exists()
+    assert not (tmp_path / "merged.partial").exists()
 
 
 def test_lora_merge_matches_adapter(tiny_model_dir, tmp_path):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from RL.plots import plot_run, smoothed
+from RL.plots import draw, plot_run, smoothed
 from RL.tracking import Tracker, console_line, read_metrics, redact
 from tools.plot_metrics import main as plot_metrics_main
 
@@ -148,7 +148,74 @@ def test_wandb_offline_run_resumes_same_id(tmp_path):
 
 def test_unknown_logger_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown logger"):
-        Tracker(tmp_path, ["mlflow"], "proj", "run")
+        Tracker(tmp_path, ["comet"], "proj", "run")
+
+
+def test_a_tracker_without_its_package_is_refused_naming_its_extra():
+    import importlib.util
+
+    from RL.config import ConfigError, load_config
+
+    missing = next((name for name in ("swanlab", "mlflow") if importlib.util.find_spec(name) is None), None)
+    if missing is None:
+        pytest.skip("both tracker extras are installed here")
+    with pytest.raises(ConfigError, match=rf"trainer.logger: {missing} is not installed here; pip install -e "
+                                          rf"'.\[{missing}\]'"):
+        load_config([f"trainer.logger=[console,{missing}]"], require_inputs=False)
+
+
+def tracked_twice(tmp_path, logger: str) -> tuple[Tracker, Tracker]:
+    """Steps 1-2, closed, then a resumed tracker on the same run folder logging step 3 (a secret in the config)."""
+    first = Tracker(tmp_path, [logger], "proj", "run", CONFIG)
+    for step in (1, 2):
+        first.log(step, {**step_metrics(step), "note": "text is not a metric"})
+    first.close()
+    second = Tracker(tmp_path, [logger], "proj", "run", CONFIG)
+    second.log(3, step_metrics(3))
+    second.close()
+    return first, second
+
+
+def test_mlflow_file_store_in_the_run_folder_resumes_the_same_run(tmp_path, capsys):
+    pytest.importorskip("mlflow", reason="the mlflow extra (part of the test extra) is not installed")
+    from mlflow.tracking import MlflowClient
+
+    first, second = tracked_twice(tmp_path, "mlflow")
+    assert first.sinks == [] and (tmp_path / "mlflow_run_id").is_file()
+    client = MlflowClient((tmp_path / "mlflow").resolve().as_uri())
+    run_id = (tmp_path / "mlflow_run_id").read_text().strip()
+    history = client.get_metric_history(run_id, "reward/mean")
+    assert [(metric.step, metric.value) for metric in history] == [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
+    run = client.get_run(run_id)
+    assert run.info.run_name == "run" and run.data.params["data.prompt_key"] == "problem"
+    assert run.data.params["worker.reward.judge.api_key"] == "***"
+    for secret in SECRETS:
+        assert secret.encode() not in _all_bytes(tmp_path) + capsys.readouterr().out.encode()
+
+
+def test_swanlab_offline_run_in_the_run_folder_resumes_the_same_id(tmp_path, capsys):
+    pytest.importorskip("swanlab", reason="the swanlab extra is not installed (not in CI's extras: swanlab needs "
+                                          "protobuf<7)")
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    tracked_twice(tmp_path, "swanlab")
+    files = sorted((tmp_path / "swanlab").glob("run-*/run-*.swanlab"))
+    run_id = (tmp_path / "swanlab_run_id").read_text().strip()
+    assert len(files) == 2 and all(run_id.replace("-", "_") in path.name or run_id in path.name for path in files)
+    scalars = []
+    for path in files:
+        reader = DataStoreReader()
+        reader.open(path)
+        for raw in reader:
+            record = Record()
+            record.ParseFromString(raw)
+            if record.HasField("scalar") and record.scalar.key == "reward/mean":
+                scalars.append((record.scalar.step, round(record.scalar.value.number, 6)))
+        reader.close()
+    assert scalars == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    for secret in SECRETS:
+        assert secret.encode() not in _all_bytes(tmp_path) + capsys.readouterr().out.encode()
 
 
 def test_plot_metrics_writes_pngs(tmp_path, capsys):
@@ -179,3 +246,42 @@ def test_plot_metrics_skips_missing(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n{"step": 2, "reward/mean": 0.7}\n')
     paths = plot_run(tmp_path)
     assert [path.name for path in paths] == ["reward_mean.png", "overview.png"]  # panels without data are skipped
+
+
+def test_sft_losses_get_a_panel_and_many_series_keep_distinct_lines(tmp_path):
+    """An SFT run's metrics draw an `sft/*` loss panel (not its token count); a panel of 12 timings (matplotlib's
+    cycle repeats after 10) gives every series its own colour and line style."""
+    import matplotlib.pyplot as plt
+
+    timings = [f"timing_s/stage_{index:02d}" for index in range(12)]
+    with Tracker(tmp_path, [], "proj", "sft") as tracker:
+        for step in range(1, 4):
+            tracker.log(step, {"sft/loss": 2.0 / step, "sft/ce": 1.0 / step, "sft/align": 0.5 / step,
+                               "sft/tokens": 1000.0, **{key: 0.1 * step for key in timings}})
+    assert {path.name for path in plot_run(tmp_path)} == {"sft_loss.png", "timing.png", "overview.png"}
+    rows = read_metrics(tmp_path)
+    for keys, expected in ((("sft/loss", "sft/ce", "sft/align"), 3), (("timing_s/*",), 12)):
+        fig, ax = plt.subplots()
+        assert draw(ax, rows, "panel", keys)
+        lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert len(lines) == expected and "sft/tokens" not in {line.get_label() for line in lines}
+        assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == expected
+        plt.close(fig)
+
+
+def test_evaluation_figure_beside_the_summary(tmp_path, capsys):
+    """Accuracy per pass with its interval and per category, from summary.json (a pass with nothing judged drawn as
+    n/a); `tools.plot_metrics` draws it for an evaluation folder."""
+    def stats(accuracy, low, high, **per_category):
+        return {"accuracy": accuracy, "ci95": [low, high],
+                **({"per_category": {name: stats(*cell) for name, cell in per_category.items()}} if per_category
+                   else {})}
+
+    summary = {"model": "/models/tiny_sft_model", "data": ["/data/val.jsonl"], "passes": {
+        "direct": stats(0.75, 0.6, 0.85, colour=(0.9, 0.7, 0.97), shape=(0.6, 0.4, 0.77)),
+        "zero": stats(0.5, 0.35, 0.65, colour=(0.5, 0.3, 0.7), shape=(None, None, None)),
+        "text": stats(None, None, None)}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    plot_metrics_main([str(tmp_path)])  # RL.plots.plot_evaluation(summary, folder / "summary.png")
+    assert capsys.readouterr().out.split() == [str(tmp_path / "summary.png")]
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"

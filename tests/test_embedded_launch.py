@@ -122,7 +122,7 @@ def file_digests(folder: Path) -> dict[str, tuple[str, int]]:
 @pytest.mark.slow
 def test_embedded_vlpo_trains_user_rows_on_a_sealed_warm_start(tmp_path, ray_tmp):
     """The README's `vlpo_train.sh data.train_files=X data.val_files=Y`: the warm start on the toy data, VLPO on X; a
-    later run with another lr leaves the warm start untouched; a changed SFT_STEPS_3 would rebuild it."""
+    later run with another lr keeps the sealed warm start and gives the lr to VLPO; a changed SFT_STEPS_3 rebuilds it."""
     mine = make_toy_dataset(tmp_path / "mine", n_train=16, n_val=4, seed=1)
     env = {"SFT_STEPS_1": "2", "SFT_STEPS_2": "2", "SFT_STEPS_3": "2", "RAY_TMPDIR": ray_tmp}
     embedded, runs = tmp_path / "embedded", tmp_path / "runs"
@@ -141,12 +141,16 @@ def test_embedded_vlpo_trains_user_rows_on_a_sealed_warm_start(tmp_path, ray_tmp
     assert "SFT_STEPS_3=2" in (model / "SFT_OK").read_text().splitlines()
     sealed = file_digests(model)
 
+    # A later run with another lr: the seal is checked and kept, the lr reaches VLPO only (a dry run: the VLPO run
+    # itself is the one above, and training it again would only repeat it).
     second = launch("vlpo_train.sh", *vlpo_args, "trainer.experiment_name=mine_lr", "worker.actor.optim.lr=1e-5",
-                    folder=tmp_path, **env)
+                    folder=tmp_path, **{**env, "DRY_RUN": "1"})
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "is sealed with these settings" in second.stdout
+    assert not module_runs(second.stdout, "RL.train_sft")
+    [vlpo] = module_runs(second.stdout, "RL.train_vlpo")
+    assert "worker.actor.optim.lr=1e-5" in vlpo and f"worker.actor.model.model_path={model}" in vlpo
     assert file_digests(model) == sealed
-    assert yaml.safe_load((runs / "mine_lr" / "config.yaml").read_text())["worker"]["actor"]["optim"]["lr"] == 1e-5
 
     # A changed setting rebuilds: shown with DRY_RUN (the rebuild itself is the chain the first run already ran).
     rebuilt = launch("sft_train.sh", folder=tmp_path, **{**env, "SFT_STEPS_3": "3", "DRY_RUN": "1"})
@@ -169,3 +173,13 @@ def test_embedded_mirage_stages_run_in_order_on_the_toy_rows(tmp_path, ray_tmp):
         run = stages / f"sft_{stage}-run"
         assert yaml.safe_load((run / "config.yaml").read_text())["sft"]["stage"] == stage
         assert [row["step"] for row in read_metrics(run)] == [1, 2]
+
+
+def test_relative_paths_are_the_folder_the_script_was_run_from(tmp_path):
+    """A launch script stays in the caller's folder: a relative model folder is looked for there, not in the
+    repository (before, `main/examples/...` given from the repository's parent became `.../main/main/examples/...`)."""
+    result = launch("vlpo_train.sh", "worker.actor.model.model_path=no_model", "data.train_files=rows.jsonl",
+                    folder=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"no such folder {tmp_path / 'no_model'}" in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []

@@ -236,7 +236,7 @@ def test_eval_through_the_endpoint_matches_the_native_engine(served, tmp_path):
     assert [row["response"] for row in served_rows] == [row["response"] for row in native_rows]
     assert any(row["blocks"] for row in served_rows)
     assert url in (tmp_path / "endpoint" / "config.yaml").read_text()
-    assert not [path for path in (tmp_path / "endpoint").rglob("*") if path.is_file() and key in path.read_text()]
+    assert not [path for path in (tmp_path / "endpoint").rglob("*") if path.is_file() and key.encode() in path.read_bytes()]
 
 
 def test_serve_and_endpoint_mistakes_are_one_line_before_anything_loads(tmp_path):

@@ -15,15 +15,12 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.distributed as dist
 
 from algorithms import compute_value_loss
-from common.checkpoint_layout import torch_dtype
 from monet_models.transformers.packing import pack, unpack
-from workers.actor.fsdp import shard_model
 from workers.actor.model_inputs import model_inputs
 from workers.actor.policy import Policy
-from workers.actor.sharded_model import broadcast_from_rank0, load_on_rank0
+from workers.actor.sharded_model import load_on_rank0, shard_loaded
 from workers.actor.updates import GlobalCounts, optimizer_step, run_epochs
 
 ROLE = "critic"
@@ -67,17 +64,8 @@ class CriticModel:
             backbone.lm_head.requires_grad_(False)
         with torch.device("meta") if on_meta else nullcontext():
             model = ValueModel(backbone)
-        full_state = None if on_meta else model.state_dict()
-        fsdp, offload = critic_config.fsdp, critic_config.offload
-        compute_dtype = torch_dtype(fsdp.torch_dtype)
-        offload_params = (offload.offload_params or offload.offload_optimizer) and torch.cuda.is_available()
-        self.module = shard_model(model, param_dtype=compute_dtype if backbone.dtype != compute_dtype else None,
-                                  reshard_after_forward=fsdp.enable_full_shard, offload_params=offload_params,
-                                  fsdp_size=fsdp.fsdp_size)
-        if dist.get_world_size() > 1:
-            broadcast_from_rank0(self.module, full_state, torch.device("cpu") if offload_params else self.device,
-                                 self.device)
-        del full_state
+        self.module = shard_loaded(model, None if on_meta else model.state_dict(), critic_config.fsdp,
+                                   critic_config.offload, self.device)
 
     # ---- what `Policy` uses ----------------------------------------------------------------------------------
     @contextmanager

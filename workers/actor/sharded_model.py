@@ -51,16 +51,7 @@ class ShardedModel:
                 model = apply_lora(model, actor_config.model.lora, self.adapters)
         # Rank 0's full tensors, kept alive past sharding (which copies each rank's slice out of them and, on a GPU,
         # moves one module at a time to the device).
-        full_state = None if on_meta else model.state_dict()
-        compute_dtype = torch_dtype(fsdp.torch_dtype)
-        mixed = compute_dtype if model.dtype != compute_dtype else None
-        offload_params = (offload.offload_params or offload.offload_optimizer) and torch.cuda.is_available()
-        self.module = shard_model(model, param_dtype=mixed, reshard_after_forward=fsdp.enable_full_shard,
-                                  offload_params=offload_params, fsdp_size=fsdp.fsdp_size)
-        if dist.get_world_size() > 1:
-            broadcast_from_rank0(self.module, full_state, torch.device("cpu") if offload_params else self.device,
-                                 self.device)
-        del full_state
+        self.module = shard_loaded(model, None if on_meta else model.state_dict(), fsdp, offload, self.device)
 
     # ---- which weights compute ---------------------------------------------------------------------------------
     @contextmanager
@@ -206,6 +197,22 @@ def load_on_rank0(path: str, dtype: str, overrides) -> tuple[torch.nn.Module, ob
     model.generation_config = generation_config
     model.set_latent_tokens(LatentTokens.from_tokenizer(processor.tokenizer))
     return model, processor
+
+
+def shard_loaded(model: torch.nn.Module, full_state: dict | None, fsdp, offload, device: torch.device):
+    """`model` as loaded by `load_on_rank0`, sharded with FSDP2 (`fsdp`/`offload`: a worker's config sections), the
+    other ranks getting rank 0's values (`full_state`: rank 0's full tensors, kept alive past sharding, which copies
+    each rank's slice out of them; None on the ranks that built the model on the meta device). The actor, the
+    reference and the critic all load this way."""
+    compute_dtype = torch_dtype(fsdp.torch_dtype)
+    loaded_dtype = next(model.parameters()).dtype  # a ValueModel has no .dtype; its backbone's comes first
+    mixed = compute_dtype if loaded_dtype != compute_dtype else None
+    offload_params = (offload.offload_params or offload.offload_optimizer) and torch.cuda.is_available()
+    module = shard_model(model, param_dtype=mixed, reshard_after_forward=fsdp.enable_full_shard,
+                         offload_params=offload_params, fsdp_size=fsdp.fsdp_size)
+    if dist.get_world_size() > 1:
+        broadcast_from_rank0(module, full_state, torch.device("cpu") if offload_params else device, device)
+    return module
 
 
 def broadcast_from_rank0(module: torch.nn.Module, full_state: dict | None, param_device: torch.device,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from RL.toy_task import COLOURS, IMAGE_SIZE, write_jsonl
+from RL.toy_task import COLOURS, IMAGE_SIZE, write_jsonl, write_task
 
 QUESTION = "What colour is the cell the arrow points to?"
 CELL = IMAGE_SIZE // 2
@@ -150,13 +150,7 @@ def make_pointer_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 6
     solver Jinja files) also selfplay_sft.jsonl; with `sft` the latent-SFT rows and the text-only rows (module
     docstring). The arguments are `RL.toy_task.make_toy_dataset`'s."""
     out = Path(out_dir)
-    rng = random.Random(seed)
-    rows = {split: make_rows(split, count, out, rng) for split, count in (("train", n_train), ("val", n_val))}
-    for split, split_rows in rows.items():
-        write_jsonl(out / f"{split}.jsonl", split_rows)
-    if selfplay_prompts:
-        templates = [Path(path).read_text() for path in selfplay_prompts]
-        write_jsonl(out / "selfplay_sft.jsonl", selfplay_rows(rows["train"], *templates, latent=latent))
+    rows = write_task(out, make_rows, selfplay_rows, n_train, n_val, seed, selfplay_prompts, latent)
     if sft:
         monet, mirage, text = sft_rows(rows["train"], out)
         (out / "sft_monet.json").write_text(json.dumps(monet) + "\n")

@@ -133,12 +133,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def make_toy_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 64, seed: int = 0,
-                     selfplay_prompts: tuple[str, str] | None = None, latent: bool = True, sft: bool = False) -> Path:
-    """Write train.jsonl, val.jsonl and images/<split>/ under `out_dir` (image paths relative to `out_dir`); with
-    `selfplay_prompts` (proposer and solver Jinja files) also selfplay_sft.jsonl for the proposer–solver warm start;
-    with `sft` the latent-SFT rows (module docstring)."""
-    out = Path(out_dir)
+def write_task(out: Path, make_rows, selfplay_rows, n_train: int, n_val: int, seed: int,
+               selfplay_prompts: tuple[str, str] | None, latent: bool) -> dict[str, list[dict]]:
+    """What every toy task writes: train.jsonl and val.jsonl (rows from `make_rows(split, count, out, rng)`, one
+    seeded generator for both splits) and, with `selfplay_prompts`, selfplay_sft.jsonl from `selfplay_rows`. Returns
+    the rows by split, for the task's own SFT rows."""
     rng = random.Random(seed)
     rows = {split: make_rows(split, count, out, rng) for split, count in (("train", n_train), ("val", n_val))}
     for split, split_rows in rows.items():
@@ -146,6 +145,16 @@ def make_toy_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 64, s
     if selfplay_prompts:
         templates = [Path(path).read_text() for path in selfplay_prompts]
         write_jsonl(out / "selfplay_sft.jsonl", selfplay_rows(rows["train"], *templates, latent=latent))
+    return rows
+
+
+def make_toy_dataset(out_dir: str | Path, n_train: int = 512, n_val: int = 64, seed: int = 0,
+                     selfplay_prompts: tuple[str, str] | None = None, latent: bool = True, sft: bool = False) -> Path:
+    """Write train.jsonl, val.jsonl and images/<split>/ under `out_dir` (image paths relative to `out_dir`); with
+    `selfplay_prompts` (proposer and solver Jinja files) also selfplay_sft.jsonl for the proposer–solver warm start;
+    with `sft` the latent-SFT rows (module docstring)."""
+    out = Path(out_dir)
+    rows = write_task(out, make_rows, selfplay_rows, n_train, n_val, seed, selfplay_prompts, latent)
     if sft:
         monet, mirage = sft_rows(rows["train"], out)
         (out / "sft_monet.json").write_text(json.dumps(monet) + "\n")

@@ -50,7 +50,7 @@ run_pipeline() {
   run_step "$PYTHON" -m RL.evaluate "$REASONER" data.val_files="$EVAL_DATA" "${loop[@]}" \
     eval.rmm_memory_model="$OUT/manager_adapter" eval.rmm_memory_scope="$SCOPE" name=evaluation "${EVAL_EXTRA[@]}"
   dry_run || "$PYTHON" -c "import sys; from RL.evaluate.rmm import typed_rate; from RL.evaluate.store import read_rows
-from pathlib import Path; print('memory manager replies in the typed format:', *(f'{n} {typed_rate(read_rows(Path(sys.argv[1]) / n / 'rmm.jsonl')):.2f}' for n in ('simulation', 'evaluation')))" "$OUT"
+from pathlib import Path; print('memory manager replies in the typed format:', *('%s %.2f' % (n, typed_rate(read_rows(Path(sys.argv[1]) / n / 'rmm.jsonl'))) for n in ('simulation', 'evaluation')))" "$OUT"
   exit 0
 }
 

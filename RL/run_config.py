@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from RL.checkpoint import complete_steps
 from RL.config import ConfigError, to_yaml
+from RL.tracking import flat
+
+_UNSET = object()  # a key one side lacks
 
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "config.yaml"
@@ -34,7 +36,7 @@ def changed_settings(config, keys: tuple[str, ...] = RUN_INPUTS) -> list[str]:
     path = Path(config.trainer.run_dir) / RUN_CONFIG
     if not path.is_file():
         return []
-    saved, now = _leaves(yaml.safe_load(path.read_text()) or {}), _leaves(yaml.safe_load(to_yaml(config)) or {})
+    saved, now = flat(yaml.safe_load(path.read_text()) or {}), flat(yaml.safe_load(to_yaml(config)) or {})
     wanted = [key for key in sorted(set(saved) | set(now))
               if any(key == name or key.startswith(name + ".") for name in keys)]
     return [f"{key}: {saved.get(key, 'unset')!r} -> {now.get(key, 'unset')!r}" for key in wanted
@@ -60,17 +62,3 @@ def warn_changed_inputs(config, keys: tuple[str, ...] = RUN_INPUTS) -> None:
     if changed:
         logger.warning("resuming %s from step %d with other data or model settings than before: %s",
                        config.trainer.experiment_name, steps[-1][0], "; ".join(changed))
-
-
-_UNSET = object()
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a.b.c": value} of a nested dict (lists and empty sections are values)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

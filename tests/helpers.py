@@ -67,6 +67,27 @@ def native_engine_and_prompts(model_dir):
     return model, processor, engine, enc, prompts
 
 
+def latent_rollout_batch(model, processor, second_question: str, n: int, max_new_tokens: int, latent_size: int):
+    """A rollout batch of two image prompts ("What colour is the shape?" on red, `second_question` on blue), `n`
+    samples each from the native engine on `model`, with the latent start token pushed up so that every sample
+    reasons in latents: what the actor, log-prob memory and self-evolution KL tests score and update."""
+    from RL.trainer.rollout_batch import build_rollout_batch
+    from workers.rollout import NativeRolloutEngine, PromptInput, SamplingParams
+
+    enc = encode_prompts(processor, ["What colour is the shape?", second_question],
+                         [coloured_image(), coloured_image((30, 30, 200))])
+    items = [{"input_ids": enc["input_ids"][i][enc["attention_mask"][i].bool()],
+              "pixel_values": enc["pixel_values"][16 * i:16 * (i + 1)],
+              "image_grid_thw": enc["image_grid_thw"][i:i + 1], "uid": f"p{i}", "ground_truth": "red",
+              "raw_prompt": "", "extra": {}} for i in range(2)]
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new_tokens, strategy="monet",
+                            latent_size=latent_size, seed=0, logit_bias={model.latent_tokens.start: 8.0})
+    samples = NativeRolloutEngine(model, processor.tokenizer).generate(
+        [PromptInput(x["input_ids"], x["pixel_values"], x["image_grid_thw"]) for x in items], params)
+    assert sum(s.num_latents for s in samples) > 0
+    return build_rollout_batch(items, samples, n, processor.tokenizer.pad_token_id, max_new_tokens)
+
+
 def assert_one_line(result, status: int, *fragments: str) -> str:
     """Exit `status`, no traceback on the console, the last stderr line `error: ...` holding every fragment."""
     assert result.returncode == status, result.stderr[-3000:]

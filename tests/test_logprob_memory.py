@@ -172,12 +172,10 @@ def test_config_refuses_a_budget_below_the_longest_sequence():
 @pytest.fixture(scope="module")
 def actor_and_batch(process_group, tiny_model_dir, toy_data_dir):
     """The tiny actor and a scored batch of four rollouts of different lengths (latent blocks included)."""
-    from RL.trainer.rollout_batch import build_rollout_batch
     from monet_models.transformers import load_latent_model
-    from tests.helpers import coloured_image, encode_prompts
+    from tests.helpers import latent_rollout_batch
     from workers.actor.policy import Policy
     from workers.actor.sharded_model import ShardedModel
-    from workers.rollout import NativeRolloutEngine, PromptInput, SamplingParams
 
     config = load_config([
         "config=examples/config/vlpo_tiny_cpu.yaml", f"worker.actor.model.model_path={tiny_model_dir}",
@@ -185,20 +183,8 @@ def actor_and_batch(process_group, tiny_model_dir, toy_data_dir):
     model = ShardedModel(tiny_model_dir, config.worker.actor, trainable=True)
     actor = Policy.build("actor", model, None, config.worker.actor.optim, total_steps=4)
     reference, processor = load_latent_model(tiny_model_dir)
-    enc = encode_prompts(processor, ["What colour is the shape?", "Which shape is it, and where?"],
-                         [coloured_image(), coloured_image((30, 30, 200))])
-    items = []
-    for i in range(2):
-        ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
-        items.append({"input_ids": ids, "pixel_values": enc["pixel_values"][16 * i:16 * (i + 1)],
-                      "image_grid_thw": enc["image_grid_thw"][i:i + 1], "uid": f"p{i}", "ground_truth": "red",
-                      "raw_prompt": "", "extra": {}})
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, strategy="monet", latent_size=3, seed=0,
-                            logit_bias={reference.latent_tokens.start: 8.0})
-    samples = NativeRolloutEngine(reference, processor.tokenizer).generate(
-        [PromptInput(x["input_ids"], x["pixel_values"], x["image_grid_thw"]) for x in items], params)
-    batch = build_rollout_batch(items, samples, 2, processor.tokenizer.pad_token_id, 12)
-    assert sum(s.num_latents for s in samples) > 0
+    batch = latent_rollout_batch(reference, processor, "Which shape is it, and where?", n=2, max_new_tokens=12,
+                                 latent_size=3)
     cfg = config.worker.actor
     batch.tensors["old_log_probs"], batch.tensors["ref_latent_means"] = actor.model.score_with_means(
         batch, sigma=cfg.monet_rl_sigma, adapter=None)

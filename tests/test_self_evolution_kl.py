@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from RL.config import load_config
-from RL.trainer.rollout_batch import build_rollout_batch
 from algorithms.kl import ExponentialKLController
 from monet_models.transformers import load_latent_model
-from tests.helpers import coloured_image, encode_prompts
+from tests.helpers import latent_rollout_batch
 from workers.actor.policy import Policy
 from workers.actor.self_evolution_updates import full_kl_ppo_loss, self_evolution_update
 from workers.actor.sharded_model import ShardedModel
 from workers.actor.updates import GlobalCounts
-from workers.rollout import NativeRolloutEngine, PromptInput, SamplingParams
 
 BETA = 0.5
 
@@ -37,18 +35,7 @@ def solver_and_batch(process_group, tiny_model_dir):
                 param.to_local().copy_(0.2 * torch.randn(param.to_local().shape, generator=generator))
     solver = Policy.build("solver", model, "solver", cfg.optim, total_steps=4)
     base, processor = load_latent_model(tiny_model_dir)
-    enc = encode_prompts(processor, ["What colour is the shape?", "Which shape?"],
-                         [coloured_image(), coloured_image((30, 30, 200))])
-    items = [{"input_ids": enc["input_ids"][i][enc["attention_mask"][i].bool()],
-              "pixel_values": enc["pixel_values"][16 * i:16 * (i + 1)],
-              "image_grid_thw": enc["image_grid_thw"][i:i + 1], "uid": f"p{i}", "ground_truth": "red",
-              "raw_prompt": "", "extra": {}} for i in range(2)]
-    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=10, strategy="monet", latent_size=2, seed=0,
-                            logit_bias={base.latent_tokens.start: 8.0})
-    samples = NativeRolloutEngine(base, processor.tokenizer).generate(
-        [PromptInput(x["input_ids"], x["pixel_values"], x["image_grid_thw"]) for x in items], params)
-    batch = build_rollout_batch(items, samples, 1, processor.tokenizer.pad_token_id, 10)
-    assert sum(s.num_latents for s in samples) > 0
+    batch = latent_rollout_batch(base, processor, "Which shape?", n=1, max_new_tokens=10, latent_size=2)
     batch.tensors["old_log_probs"], _ = model.score_with_means(batch, cfg.monet_rl_sigma, "solver")
     batch.tensors["ref_log_probs"], batch.tensors["ref_latent_means"] = model.score_with_means(
         batch, cfg.monet_rl_sigma, None)

@@ -3,19 +3,20 @@ run's config: what the trainer checks at start-up (`RL.preflight`) and `python -
 
 A step of a colocated run passes through five phases, and each holds a different set of buffers (docs/scale.md):
 
-| phase   | what runs                                   | what is live besides the resident state              |
-|---------|---------------------------------------------|------------------------------------------------------|
-| load    | shard the actor (and reference), build the engine | rank 0's full state dict while it is broadcast  |
-| rollout | the engine generates                        | engine weights, KV cache, latent buffer              |
-| scoring | old / reference log-probs, no gradients     | gathered FSDP units, one layer's activations, a log-prob chunk |
-| update  | forward + backward + optimizer step          | gradients, saved activations, a log-prob chunk       |
-| sync    | the actor's weights stream into the engine   | the engine's weights, one gathered tensor (or bucket) |
+| phase   | what runs                                     | what is live besides the resident state            |
+|---------|-----------------------------------------------|----------------------------------------------------|
+| load    | shard the actor (reference, critic), build the engine | rank 0's full state dict while it is broadcast |
+| rollout | the engine generates                          | engine weights, KV cache, latent buffer            |
+| scoring | old / reference log-probs (gae: the values)   | gathered FSDP units, activations, a log-prob chunk |
+| update  | forward + backward + step (gae: the critic's) | gradients, saved activations, a log-prob chunk     |
+| sync    | the actor's weights stream into the engine    | the engine's weights, one gathered tensor (or bucket) |
 
-The resident state is the actor's weight shards and optimizer state, the reference's shards, and whatever the engine
-keeps while it sleeps. Each phase's figure is what is live at its peak moment; where two moments compete (loading the
-actor vs building the engine) the larger is the phase's peak. On a GPU, offloaded state (`worker.*.offload`, a sleeping
-vLLM engine's weights, rank 0's loading copy) is counted in host memory per rank instead; on CPU everything is host
-memory, reported per rank.
+The resident state is the actor's weight shards and optimizer state, the reference's shards, with
+`algorithm.adv_estimator=gae` the critic's shards and optimizer state (`worker.critic.*`), and whatever the engine keeps
+while it sleeps. Each phase's figure is what is live at its peak moment; where two moments compete (loading the actor
+vs building the engine; the actor's update vs the critic's) the larger is the phase's peak. On a GPU, offloaded state
+(`worker.*.offload`, a sleeping vLLM engine's weights, rank 0's loading copy) is counted in host memory per rank
+instead; on CPU everything is host memory, reported per rank.
 
 Activation sizes per token per decoder layer were counted with `torch.autograd.graph.saved_tensors_hooks` on this
 code path (packed sequences, sdpa): c·(8H + 4I) + 8H bytes without gradient checkpointing (c = bytes of the compute
@@ -325,14 +326,22 @@ def _pair(device_bytes: int, host_bytes: int, device: Device) -> str:
 
 # ---- building the plan ---------------------------------------------------------------------------------------------
 ROLES = ("actor", "ref", "rollout")
+CRITIC = "critic"
+# the token-budget keys of a role with dynamic_batching: (no-gradient pass, update)
+BUDGET_KEYS = {"actor": ("log_prob_max_token_len_per_gpu", "ppo_max_token_len_per_gpu"),
+               CRITIC: ("forward_max_token_len_per_gpu", "ppo_max_token_len_per_gpu")}
 
 
 def plan_memory(config, device: Device, dims: ModelDims | None = None, roles=ROLES) -> MemoryPlan:
     """The plan of `config` (a loaded RootConfig) on `device`; `dims` default to the model folder's config.json.
-    `roles` are the PolicyWorker roles the trainer starts (SFT: the actor only)."""
+    `roles` are the PolicyWorker roles the trainer starts (SFT: the actor only); an RL run (one with the rollout)
+    with algorithm.adv_estimator=gae starts the critic too (RL/trainer/vlpo.py), so it is added here."""
     actor = config.worker.actor
     dims = dims or ModelDims.from_folder(actor.model.model_path, dict(actor.model.override_config))
-    return _Planner(config, device, dims, tuple(roles)).plan()
+    roles = tuple(roles)
+    if config.algorithm.adv_estimator == "gae" and "rollout" in roles and CRITIC not in roles:
+        roles += (CRITIC,)
+    return _Planner(config, device, dims, roles).plan()
 
 
 class _Planner:
@@ -341,8 +350,9 @@ class _Planner:
         self.gpu = device.kind == "cuda"
         trainer, actor = config.trainer, config.worker.actor
         self.world = trainer.nnodes * trainer.n_gpus_per_node
-        self.shard = actor.fsdp.fsdp_size if 0 < actor.fsdp.fsdp_size < self.world else self.world
+        self.shard = self.shards(actor.fsdp)
         self.compute = DTYPE_BYTES[actor.fsdp.torch_dtype]
+        self.has_critic = CRITIC in roles
         self.lora = actor.model.lora.rank > 0
         rollout, data = config.worker.rollout, config.data
         self.max_len = rollout.max_model_len or data.max_prompt_length + data.max_response_length
@@ -354,6 +364,17 @@ class _Planner:
     def _refuse(self, message: str) -> None:
         if message not in self.refusals:
             self.refusals.append(message)
+
+    def shards(self, fsdp) -> int:
+        """Ranks a role's parameters are sharded over: the world, or `fsdp_size` with hybrid sharding."""
+        return fsdp.fsdp_size if 0 < fsdp.fsdp_size < self.world else self.world
+
+    def section(self, role: str):
+        """`worker.<role>` of the config: the actor's or the critic's settings."""
+        return getattr(self.config.worker, role)
+
+    def compute_bytes(self, role: str) -> int:
+        return DTYPE_BYTES[self.section(role).fsdp.torch_dtype]
 
     # -- the resident state ------------------------------------------------------------------------------------------
     def actor_state(self) -> dict[str, int]:
@@ -382,21 +403,57 @@ class _Planner:
             return 0
         return self.dims.total * DTYPE_BYTES[self.config.worker.ref.fsdp.torch_dtype] // self.shard
 
-    def offloaded(self) -> bool:
-        offload = self.config.worker.actor.offload
+    def critic_state(self) -> dict[str, int]:
+        """Per-rank bytes of the critic's weights, gradients and optimizer state (FSDP shards over its own
+        `fsdp_size`): the backbone and a (hidden + 1) value head, fp32 unless `worker.critic.optim.strategy=
+        adamw_bf16` (workers/critic.py); an untied lm_head and a frozen vision tower get no gradient or state."""
+        critic, dims = self.config.worker.critic, self.dims
+        bf16_weights = critic.optim.strategy == "adamw_bf16"
+        param, shard = (2 if bf16_weights else 4), self.shards(critic.fsdp)
+        total = dims.total + dims.hidden + 1
+        trainable = total - (0 if dims.tied else dims.embedding) \
+            - (dims.vision if critic.model.freeze_vision_tower else 0)
+        return {"weights": total * param // shard, "gradients": trainable * param // shard,
+                "optimizer": trainable * (8 + (2 if bf16_weights else 0)) // shard}
+
+    def offloaded(self, role: str = "actor") -> bool:
+        offload = self.section(role).offload
         return self.gpu and (offload.offload_params or offload.offload_optimizer)
 
-    def resident(self, gradients: bool = False) -> list[Component]:
-        """The actor's and reference's state, on the device or (offloaded, GPU) in host memory."""
+    def resident(self, gradients_of: str | None = None) -> list[Component]:
+        """The actor's, reference's and critic's state, on the device or (offloaded, GPU) in host memory; with
+        `gradients_of` ("actor" or "critic") that role's gradients too (freed after each optimizer step)."""
         state, ref = self.actor_state(), self.reference()
         off = self.offloaded()
         parts = [_placed("weights", state["weights"], off, "actor shards"),
                  _placed("optimizer", state["optimizer"], off, self.config.worker.actor.optim.strategy)]
-        if gradients:
+        if gradients_of == "actor":
             parts.insert(1, _placed("gradients", state["gradients"], off, "sharded"))
         ref_off = self.gpu and self.config.worker.ref.offload.offload_params
         parts.append(_placed("reference", ref, ref_off, "frozen shards" if ref else "none (LoRA / no KL)"))
-        return parts
+        if self.has_critic:
+            critic, critic_off = self.critic_state(), self.offloaded(CRITIC)
+            parts += [_placed("critic weights", critic["weights"], critic_off, "critic shards + value head"),
+                      _placed("critic optimizer", critic["optimizer"], critic_off,
+                              self.config.worker.critic.optim.strategy)]
+            if gradients_of == CRITIC:
+                parts.insert(-1, _placed("critic gradients", critic["gradients"], critic_off, "sharded"))
+        return parts + ([Component("sync bucket", self.sync_buffer(), note="shared by the host's ranks, kept from the "
+                                   "first sync on (workers/actor/host_bucket.py)")] if self.host_bucket() else [])
+
+    def host_bucket(self) -> bool:
+        """CPU ranks on one host, sharded on a 1-D mesh, streaming weights to an engine: the sync goes through a
+        shared-memory bucket that every rank maps (counted per rank: each rank's resident set holds its pages)."""
+        return (not self.gpu and self.world > 1 and self.shard == self.world and self.config.trainer.nnodes == 1
+                and self.has_engine())
+
+    def sync_buffer(self) -> int:
+        """What one gather holds: one adapter's tensors with LoRA, else the larger of a bucket and the largest
+        tensor, in the engine's dtype."""
+        rollout = self.config.worker.rollout
+        if self.lora:
+            return self.dims.lora(self.config.worker.actor.model.lora.rank, self.lora_targets()) * 4
+        return max(int(rollout.sync_bucket_mb * 2 ** 20), self.dims.largest_tensor * DTYPE_BYTES[rollout.dtype])
 
     def runtime(self, engine: bool | None = None) -> Component:
         """The process's fixed cost; `engine` (default: a colocated engine) adds vLLM's on CPU."""
@@ -506,15 +563,22 @@ class _Planner:
         return [Component("engine weights", weights, note="asleep (the native engine keeps its own copy)")]
 
     # -- the actor's compute ----------------------------------------------------------------------------------------
-    def tokens(self, update: bool) -> int:
-        """Tokens of one micro-batch on one device: the token budget with dynamic batching, else samples x the
-        longest sequence."""
-        actor, data = self.config.worker.actor, self.config.data
-        if actor.dynamic_batching:
-            return actor.ppo_max_token_len_per_gpu if update else actor.log_prob_max_token_len_per_gpu
-        samples = actor.micro_batch_size_per_device_for_update if update else \
-            actor.micro_batch_size_per_device_for_experience
+    def tokens(self, update: bool, role: str = "actor") -> int:
+        """Tokens of one micro-batch of `role` on one device: the token budget with dynamic batching, else samples x
+        the longest sequence."""
+        section, data = self.section(role), self.config.data
+        if section.dynamic_batching:
+            return getattr(section, BUDGET_KEYS[role][update])
+        samples = section.micro_batch_size_per_device_for_update if update else \
+            section.micro_batch_size_per_device_for_experience
         return samples * (data.max_prompt_length + data.max_response_length)
+
+    def micro_batch_key(self, role: str, update: bool) -> str:
+        """The key that sets the size of `role`'s micro-batches (named when their activations do not fit)."""
+        section = self.section(role)
+        if section.dynamic_batching:
+            return f"worker.{role}.{BUDGET_KEYS[role][update]}"
+        return f"worker.{role}.micro_batch_size_per_device_for_{'update' if update else 'experience'}"
 
     def patches(self, tokens: int) -> int:
         """Vision patches of a micro-batch of `tokens`: its prompt share as image tokens, 4 patches each (2x2 merge),
@@ -526,10 +590,11 @@ class _Planner:
         cap = samples * per_image * (rollout.limit_images or 1)
         return min(prompt_share * self.dims.merge ** 2, cap)
 
-    def activations(self, tokens: int, checkpointing: bool) -> int:
+    def activations(self, tokens: int, checkpointing: bool, role: str = "actor") -> int:
         """Saved activations of a forward with gradients over `tokens` tokens (module docstring), plus the backward's
-        working set of one layer; the vision tower's patches likewise when it trains."""
-        dims, c = self.dims, self.compute
+        working set of one layer; the vision tower's patches likewise when it trains. The critic's backbone saves
+        the same (its value head's input where the actor's log-prob head's is)."""
+        dims, c = self.dims, self.compute_bytes(role)
         per_layer = c * (8 * dims.hidden + 4 * dims.intermediate) + 8 * dims.hidden
         outside = c * 3 * dims.hidden + 4 * dims.hidden  # embeddings, final norm, the log-prob head's input
         if checkpointing:
@@ -537,21 +602,21 @@ class _Planner:
         else:
             text = tokens * (dims.layers * per_layer + outside)
         text += tokens * c * 2 * (dims.hidden + dims.intermediate)  # one layer's gradients in the backward
-        return text + self.vision_activations(tokens, checkpointing)
+        return text + self.vision_activations(tokens, checkpointing, role)
 
-    def vision_activations(self, tokens: int, checkpointing: bool) -> int:
-        actor = self.config.worker.actor
-        if self.lora or actor.model.freeze_vision_tower:
+    def vision_activations(self, tokens: int, checkpointing: bool, role: str = "actor") -> int:
+        if (self.lora and role == "actor") or self.section(role).model.freeze_vision_tower:
             return 0  # frozen: nothing is saved for a backward
-        dims, c, patches = self.dims, self.compute, self.patches(tokens)
+        dims, c, patches = self.dims, self.compute_bytes(role), self.patches(tokens)
         per_block = c * (8 * dims.vision_hidden + 4 * dims.vision_intermediate) + 8 * dims.vision_hidden
         blocks = dims.vision_depth * (c * dims.vision_hidden if checkpointing else per_block)
         return patches * (blocks + (per_block if checkpointing else 0))
 
-    def scoring_activations(self, tokens: int) -> int:
+    def scoring_activations(self, tokens: int, role: str = "actor") -> int:
         """A forward without gradients: one layer's intermediates at a time, the residual stream and the final
-        hidden states (kept for the latent means); the vision tower's largest block over its patches."""
-        dims, c = self.dims, self.compute
+        hidden states (kept for the latent means, or the critic's value head); the vision tower's largest block over
+        its patches."""
+        dims, c = self.dims, self.compute_bytes(role)
         text = tokens * c * (3 * dims.hidden + 3 * dims.intermediate + 2 * dims.hidden)
         return text + self.patches(tokens) * c * 3 * (dims.vision_hidden + dims.vision_intermediate)
 
@@ -564,25 +629,24 @@ class _Planner:
         forward = c + (4 if c != 4 else 0) + 4
         return min(chunk, tokens) * self.dims.vocab * (forward + (c + 8 if backward else 0))
 
-    def gathered(self, backward: bool) -> int:
+    def gathered(self, backward: bool, role: str = "actor") -> int:
         """FSDP's unsharded parameters while computing: the root unit (embedding, lm_head, merger) for the whole
         forward and backward, plus the current and the prefetched layer; in the backward the root's unsharded
-        gradient and its fp32 reduce-scatter input. One rank alone still copies every unit out of its shard."""
-        dims, c = self.dims, self.compute
+        gradient and its fp32 reduce-scatter input (the critic's untied lm_head is frozen: no gradient). One rank
+        alone still copies every unit out of its shard."""
+        dims, c = self.dims, self.compute_bytes(role)
         units = (dims.root + 2 * dims.largest_unit) * c
-        if backward and not self.lora:
+        if backward and role == CRITIC:
+            units += (dims.root - (0 if dims.tied else dims.embedding)) * (c + 4)
+        elif backward and not self.lora:
             units += dims.root * (c + 4)
         return units
 
     def keys_for(self, name: str) -> tuple[str, ...]:
         """The config keys that shrink component `name` on this device (named when a phase does not fit)."""
-        actor, gpu = self.config.worker.actor, self.gpu
-        update_size = ("worker.actor.ppo_max_token_len_per_gpu" if actor.dynamic_batching
-                       else "worker.actor.micro_batch_size_per_device_for_update")
-        scoring_size = ("worker.actor.log_prob_max_token_len_per_gpu" if actor.dynamic_batching
-                        else "worker.actor.micro_batch_size_per_device_for_experience")
-        checkpointing = () if actor.model.enable_gradient_checkpointing else (
-            "worker.actor.model.enable_gradient_checkpointing",)
+        gpu = self.gpu
+        checkpointing = {role: () if self.section(role).model.enable_gradient_checkpointing else (
+            f"worker.{role}.model.enable_gradient_checkpointing",) for role in ("actor", CRITIC)}
         kv = ("worker.rollout.gpu_memory_utilization",) if gpu and self.engine_name() == "vllm" else (
             ("worker.rollout.cpu_kvcache_space_gb",) if self.engine_name() == "vllm" else
             ("data.rollout_batch_size", "worker.rollout.n"))
@@ -591,8 +655,13 @@ class _Planner:
             "gradients": ("worker.actor.offload.offload_params",) * gpu + ("trainer.nnodes",),
             "optimizer": ("worker.actor.offload.offload_optimizer",) * gpu + ("trainer.nnodes",),
             "reference": ("worker.ref.offload.offload_params",) * gpu + ("algorithm.disable_kl",),
-            "activations": checkpointing + (update_size,),
-            "scoring activations": (scoring_size,),
+            "activations": checkpointing["actor"] + (self.micro_batch_key("actor", True),),
+            "scoring activations": (self.micro_batch_key("actor", False),),
+            "critic weights": ("worker.critic.offload.offload_params",) * gpu + ("trainer.nnodes",),
+            "critic gradients": ("worker.critic.offload.offload_params",) * gpu + ("trainer.nnodes",),
+            "critic optimizer": ("worker.critic.offload.offload_optimizer",) * gpu + ("trainer.nnodes",),
+            "critic activations": checkpointing[CRITIC] + (self.micro_batch_key(CRITIC, True),),
+            "value activations": (self.micro_batch_key(CRITIC, False),),
             "log-prob chunk": ("worker.actor.logprob_chunk_size",),
             "engine weights": ("worker.rollout.tensor_parallel_size",),
             "engine weights (CPU copy)": ("worker.rollout.name",),
@@ -618,6 +687,9 @@ class _Planner:
             "offload": self.offloaded(), "gradient_checkpointing": actor.model.enable_gradient_checkpointing,
             "update_tokens": self.tokens(True), "scoring_tokens": self.tokens(False),
             "logprob_chunk_size": actor.logprob_chunk_size,
+            "critic": {"update_tokens": self.tokens(True, CRITIC), "value_tokens": self.tokens(False, CRITIC),
+                       "gradient_checkpointing": self.config.worker.critic.model.enable_gradient_checkpointing,
+                       "offload": self.offloaded(CRITIC)} if self.has_critic else None,
         }
         for phase in phases:
             phase.components = [replace(c, keys=self.keys_for(c.name)) for c in phase.components]
@@ -625,9 +697,10 @@ class _Planner:
 
     def load(self) -> Phase:
         """Rank 0 reads the checkpoint and broadcasts it into every rank's shards (workers/actor/sharded_model.py):
-        its full copy (in the load dtype) lives while the actor is sharded, then the reference's while it is; then
-        every rank builds its engine from the checkpoint. Reading maps the checkpoint's files into the process (their
-        pages count until the load returns). The largest of these moments is the phase's peak (rank 0's)."""
+        its full copy (in the load dtype) lives while the actor is sharded, then the reference's while it is, then
+        the critic's; then every rank builds its engine from the checkpoint. Reading maps the checkpoint's files into
+        the process (their pages count until the load returns). The largest of these moments is the phase's peak
+        (rank 0's)."""
         state, ref = self.actor_state(), self.reference()
         off, ref_off = self.offloaded(), self.gpu and self.config.worker.ref.offload.offload_params
         weights = _placed("weights", state["weights"], off, "actor shards")
@@ -640,11 +713,17 @@ class _Planner:
         if ref:
             moments.append([self.runtime(), weights, reference, _placed("load buffer", ref * self.shard, self.gpu,
                                                                         note + " (reference)")])
+        sharded = [weights, reference]
+        if self.has_critic:
+            critic = self.critic_state()["weights"]
+            sharded.append(_placed("critic weights", critic, self.offloaded(CRITIC), "critic shards + value head"))
+            moments.append([self.runtime(), *sharded, _placed(
+                "load buffer", critic * self.shards(self.config.worker.critic.fsdp), self.gpu, note + " (critic)")])
         if self.has_engine() and self.colocated():
             engine = [Component("engine weights", self.engine_weights(), note="built after the shards"), files]
             if self.engine_name() == "vllm" and not self.gpu:  # its KV cache is allocated at construction
                 engine += [c for c in self.engine_parts() if c.name in ("engine weights (CPU copy)", "KV cache")]
-            moments.append([self.runtime(), weights, reference, *engine])
+            moments.append([self.runtime(), *sharded, *engine])
         return Phase("load", max(moments, key=lambda parts: sum(c.device + c.host for c in parts)), "rank 0")
 
     def rollout(self) -> Phase:
@@ -655,17 +734,28 @@ class _Planner:
         return Phase("rollout", [self.runtime(engine=True), *self.engine_parts()], "the rollout group's devices")
 
     def scoring(self) -> Phase:
+        """Old and reference log-probs; with a critic also its value pass, a moment of its own (the larger counts)."""
         tokens = self.tokens(False)
         parts = [self.runtime(), *self.resident(), *self.sleeping_engine(),
                  Component("gathered parameters", self.gathered(False), note="root unit + 2 layers, unsharded"),
                  Component("scoring activations", self.scoring_activations(tokens), note=f"{tokens} tokens, no grad"),
                  Component("log-prob chunk", self.logprob_chunk(tokens, False), note=_chunk_note(self, tokens))]
-        return Phase("scoring", parts)
+        if not self.has_critic:
+            return Phase("scoring", parts)
+        tokens = self.tokens(False, CRITIC)
+        values = [self.runtime(), *self.resident(), *self.sleeping_engine(),
+                  Component("critic gathered parameters", self.gathered(False, CRITIC),
+                            note="root unit + 2 layers, unsharded"),
+                  Component("value activations", self.scoring_activations(tokens, CRITIC),
+                            note=f"{tokens} tokens, no grad")]
+        return Phase("scoring", _larger_moment({"log-prob pass": parts, "value pass": values}))
 
     def update(self) -> Phase:
+        """The actor's forward, backward and optimizer step; with a critic also the critic's, a moment of its own
+        (each role's gradients are freed after its step; the larger moment counts)."""
         tokens = self.tokens(True)
         ckpt = self.config.worker.actor.model.enable_gradient_checkpointing
-        parts = [self.runtime(), *self.resident(gradients=True), *self.sleeping_engine(),
+        parts = [self.runtime(), *self.resident(gradients_of="actor"), *self.sleeping_engine(),
                  Component("gathered parameters", self.gathered(True),
                            note="root unit + 2 layers; root gradient + fp32 reduce input"),
                  Component("activations", self.activations(tokens, ckpt),
@@ -673,23 +763,33 @@ class _Planner:
                  Component("activations" + (" (no checkpointing)" if ckpt else " (checkpointing)"),
                            self.activations(tokens, not ckpt), note="the other setting, for comparison", counted=False),
                  Component("log-prob chunk", self.logprob_chunk(tokens, True), note=_chunk_note(self, tokens))]
-        return Phase("update", parts)
+        if not self.has_critic:
+            return Phase("update", parts)
+        tokens = self.tokens(True, CRITIC)
+        ckpt = self.config.worker.critic.model.enable_gradient_checkpointing
+        critic = [self.runtime(), *self.resident(gradients_of=CRITIC), *self.sleeping_engine(),
+                  Component("critic gathered parameters", self.gathered(True, CRITIC),
+                            note="root unit + 2 layers; root gradient + fp32 reduce input"),
+                  Component("critic activations", self.activations(tokens, ckpt, CRITIC),
+                            note=f"{tokens} tokens, {'with' if ckpt else 'without'} gradient checkpointing")]
+        return Phase("update", _larger_moment({"actor update": parts, "critic update": critic}))
 
     def sync(self) -> Phase:
         """The engine's weights are awake (its KV cache is not yet), and one tensor or bucket is gathered at a time
-        in the engine's dtype (`ShardedModel.stream_weights`); with LoRA each adapter's tensors are collected whole."""
+        in the engine's dtype (`ShardedModel.stream_weights`); with LoRA each adapter's tensors are collected whole.
+        CPU ranks on one host gather through the host bucket (counted in `resident`); otherwise NCCL gathers into
+        the output tensor itself, while DTensor.full_tensor over gloo holds the all-gather's output and the full
+        tensor made from it (measured: 2.0x the tensor)."""
         rollout = self.config.worker.rollout
-        if self.lora:
-            buffer = self.dims.lora(self.config.worker.actor.model.lora.rank, self.lora_targets()) * 4
+        copies = 0 if self.host_bucket() else 1 if self.gpu or self.lora else 2
+        buffer = self.sync_buffer() * copies
+        if self.host_bucket():
+            note = "the host bucket (resident)"
+        elif self.lora:
             note = "one adapter's tensors"
         else:
-            # DTensor.full_tensor over gloo holds the all-gather's output and the full tensor made from it (measured:
-            # 2.0x the tensor); NCCL gathers into the output tensor itself
-            copies = 1 if self.gpu else 2
-            largest = self.dims.largest_tensor * DTYPE_BYTES[rollout.dtype]
-            bucket = int(rollout.sync_bucket_mb * 2 ** 20)
-            buffer = max(bucket, largest) * copies
-            note = (f"a bucket of {rollout.sync_bucket_mb:g} MiB" if bucket > largest else "the largest tensor") \
+            note = (f"a bucket of {rollout.sync_bucket_mb:g} MiB" if rollout.sync_bucket_mb * 2 ** 20 >
+                    self.dims.largest_tensor * DTYPE_BYTES[rollout.dtype] else "the largest tensor") \
                 + ", gathered and cast" + ("" if self.gpu else " (2x on gloo)")
         if not self.colocated():  # rank 0 collects the model in host memory for the rollout pool (export_weights)
             export = self.engine_weights() if not self.lora else buffer
@@ -700,6 +800,17 @@ class _Planner:
                  Component("engine weights", self.engine_weights(), note="awake, being overwritten"), *engine,
                  Component("sync buffer", buffer, note=note)]
         return Phase("sync", parts)
+
+
+def _larger_moment(moments: dict[str, list[Component]]) -> list[Component]:
+    """The parts of the moment that needs the most device memory (then host memory), and each other moment's total
+    as one uncounted line for comparison: the worker runs them one after another, never at once."""
+    def total(parts):
+        return sum(c.device for c in parts if c.counted), sum(c.host for c in parts if c.counted)
+
+    peak = max(moments, key=lambda name: total(moments[name]))
+    return moments[peak] + [Component(f"{name} (another moment)", *total(parts), note="its peak, not at once",
+                                      counted=False) for name, parts in moments.items() if name != peak]
 
 
 def _placed(name: str, size: int, offloaded: bool, note: str) -> Component:

@@ -97,3 +97,23 @@ def assert_one_line(result, status: int, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in last, last
     return last
+
+
+def gradients_of_one_step(module, optimizer, update):
+    """(`update()`'s result, {name: full gradient}) of one optimizer step taken at learning rate 0, so the weights
+    stay: the gradients are read in a step pre-hook, as the optimizer sees them (after clipping)."""
+    from workers.actor.fsdp import full_tensor
+
+    grads = {}
+
+    def keep_gradients(optimizer, args, kwargs):
+        grads.update({name: full_tensor(p.grad).detach().clone()
+                      for name, p in module.named_parameters() if p.grad is not None})
+
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    handle = optimizer.register_step_pre_hook(keep_gradients)
+    try:
+        return update(), grads
+    finally:
+        handle.remove()

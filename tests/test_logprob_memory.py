@@ -14,7 +14,7 @@ from RL.config import ConfigError, load_config
 from RL.protocol import Batch
 from monet_models.transformers.log_probs import (
     head_log_probs, next_token_log_probs, sequence_log_probs, token_log_probs, with_latent_densities)
-from workers.actor.fsdp import full_tensor
+from tests.helpers import gradients_of_one_step
 from workers.actor.model_inputs import micro_batches, sample_tokens, token_budget_groups
 
 PAD = 7  # the latent pad id of the synthetic sequences
@@ -199,19 +199,9 @@ def loss_and_gradients(actor, batch, settings):
     """pg/kl loss and the full gradients of one optimizer step at learning rate 0 (the weights do not move)."""
     from workers.actor.updates import ppo_update
 
-    grads = {}
-
-    def keep_gradients(optimizer, args, kwargs):
-        grads.update({name: full_tensor(p.grad).detach().clone()
-                      for name, p in actor.model.module.named_parameters() if p.grad is not None})
-
-    for group in actor.optimizer.param_groups:
-        group["lr"] = 0.0
-    handle = actor.optimizer.register_step_pre_hook(keep_gradients)
-    try:
-        metrics = ppo_update(actor, batch, settings, mini_batch_size=len(batch), kl_coef=0.1)
-    finally:
-        handle.remove()
+    metrics, grads = gradients_of_one_step(
+        actor.model.module, actor.optimizer,
+        lambda: ppo_update(actor, batch, settings, mini_batch_size=len(batch), kl_coef=0.1))
     assert "actor/skipped_steps" not in metrics and grads
     return metrics, grads
 

@@ -156,3 +156,36 @@ def test_probe_config_has_the_released_widths():
         assert vision.fullatt_block_indexes == [1]  # the probe keeps one full-attention block
     tiny = build_config(tokenizer)
     assert (tiny.text_config.hidden_size, tiny.text_config.num_hidden_layers) == (128, 2)
+
+
+def test_a_gae_run_plans_the_critic_beside_the_actor():
+    """With algorithm.adv_estimator=gae the critic (value model) lives on every device: its fp32 shards (the 7B
+    backbone and a hidden + 1 value head) and AdamW's two moments for everything but the frozen untied lm_head stay
+    resident in every phase; its own update is a moment of the update phase, whose activations are the actor's for
+    the same tokens and settings. A critic that cannot fit is refused naming a worker.critic.* key."""
+    dims, device = released("7b"), Device("cuda", 141 * GIB, "test")
+    common = ("trainer.n_gpus_per_node=8", "worker.actor.offload.offload_params=false",
+              "worker.actor.offload.offload_optimizer=false", "worker.ref.offload.offload_params=false",
+              "worker.rollout.name=vllm", "worker.rollout.gpu_memory_utilization=0.3")
+    grpo = plan_memory(config(*common), device, dims)
+    gae = plan_memory(config(*common, "algorithm.adv_estimator=gae"), device, dims)
+    critic_params = PARAMS_7B + 3584 + 1
+    trainable = critic_params - 152064 * 3584  # the untied lm_head: no gradient, no optimizer state
+    resident = critic_params * 4 // 8 + trainable * 8 // 8
+    phases = {phase.name: phase.device for phase in grpo.phases}
+    for phase in gae.phases:  # load: rank 0's host copies of a checkpoint remain its peak
+        if phase.name in ("rollout", "scoring", "sync", "update"):
+            assert phase.device - phases[phase.name] == resident, phase.name
+    assert component(gae, "update", "critic optimizer").device == trainable * 8 // 8
+    # the critic's update as the larger moment: no checkpointing, the actor's micro-batch and compute dtype
+    frozen = (*common, "worker.actor.model.freeze_vision_tower=true", "worker.critic.model.freeze_vision_tower=true")
+    heavy = plan_memory(config(*frozen, "algorithm.adv_estimator=gae",
+                               "worker.critic.model.enable_gradient_checkpointing=false"), device, dims)
+    actor_alone = component(plan_memory(config(*frozen), device, dims), "update", "activations (no checkpointing)")
+    assert component(heavy, "update", "critic activations").device == actor_alone.device
+    assert component(heavy, "update", "critic gradients").device == (trainable - dims.vision) * 4 // 8  # frozen
+    assert not component(heavy, "update", "actor update (another moment)").counted
+    with pytest.raises(MemoryPlanError, match="update phase.*worker.critic.model.enable_gradient_checkpointing"):
+        plan_memory(config(*common, "algorithm.adv_estimator=gae",
+                           "worker.critic.model.enable_gradient_checkpointing=false"),
+                    Device("cuda", 80 * GIB, "an 80 GiB test device"), dims).check()

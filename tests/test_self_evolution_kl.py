@@ -1,5 +1,6 @@
 """Self-evolution's released KL options on a LoRA solver in one process (a world of one, gloo; no Ray), against a
-hand computation: the full-vocabulary KL, its gradient, and β moved after every optimizer step."""
+hand computation: the full-vocabulary KL, its gradient, and β moved after every optimizer step; the policy runs one
+forward per micro-batch for the loss and the full-vocabulary KL together."""
 import copy
 import math
 
@@ -116,7 +117,13 @@ def test_beta_moves_after_every_optimizer_step(solver_and_batch):
     with torch.no_grad(), solver.active():
         kls = [float(hand_kl(solver, batch, cfg, slice(i, i + 1))) for i in range(2)]
     controller = ExponentialKLController(BETA, 0.02, 0.1)
-    metrics = self_evolution_update(solver, batch, cfg, 1, BETA, reference=solver.model, controller=controller)
+    forwards = []  # grad mode of each forward: the policy's run with gradients, the reference's without
+    hook = solver.model.module.register_forward_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
+    try:
+        metrics = self_evolution_update(solver, batch, cfg, 1, BETA, reference=solver.model, controller=controller)
+    finally:
+        hook.remove()
+    assert forwards.count(True) == 2 and forwards.count(False) == 2  # one policy forward per micro-batch (2 of 1)
     beta = BETA
     for kl in kls:
         beta = min(max(beta * math.exp(0.1 * (kl - 0.02) / 0.02), 1e-8), 100.0)

@@ -214,6 +214,12 @@ class CriticConfig:
     loss_avg_mode: str = "token"  # token | seq
     ppo_epochs: int = 1
     padding_free: bool = True
+    # micro-batches of consecutive samples holding at most a token budget instead of a fixed number of samples, as
+    # worker.actor.dynamic_batching (EasyR1's key; its budget is the micro-batch size x the padded width, here
+    # verl's critic budgets below)
+    dynamic_batching: bool = False
+    ppo_max_token_len_per_gpu: int = 16384  # with dynamic_batching: tokens per value-update micro-batch on one device
+    forward_max_token_len_per_gpu: int = 32768  # with dynamic_batching: tokens per value-pass micro-batch
     model: CriticModelConfig = field(default_factory=CriticModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # EasyR1: the actor's 1e-6; verl: 1e-5
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)

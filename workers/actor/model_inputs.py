@@ -41,10 +41,14 @@ def position_log_probs(module, inputs: dict, temperature: float, sigma: float, s
 
 
 def position_scores(module, inputs: dict, temperature: float, sigma: float, scale_by_dim: bool,
-                    padding_free: bool, chunk_size: int = 0, entropy: bool = False) -> tuple[torch.Tensor, ...]:
+                    padding_free: bool, chunk_size: int = 0, entropy: bool = False, rows_head=None,
+                    wanted: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """`position_log_probs`, and the (latents, D) fp32 means of the latent steps in the order they were recorded
     (what the exact latent KL to the reference is computed from); with `entropy`, a third (B, L) tensor: the
-    next-token entropy that produced each position (`algorithms.entropy`; meaningful at text positions only).
+    next-token entropy that produced each position (`algorithms.entropy`; meaningful at text positions only); with
+    `rows_head`, a last output: `rows_head(hidden, lm_head)` of the final hidden states that predict the `wanted`
+    positions ((B, L) bool over the input positions, response tokens only), one row each in (sample, position)
+    order whatever the layout, of any shape (self-evolution's full-vocabulary KL: one forward gives it and the loss).
 
     The token log-probs come from the model's forward through `next_token_log_probs` as its head, `chunk_size`
     positions at a time (`worker.actor.logprob_chunk_size`): the full (tokens x vocab) logits never exist. The
@@ -59,26 +63,37 @@ def position_scores(module, inputs: dict, temperature: float, sigma: float, scal
         positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
         ids, positions, keep = pack(ids, mask, positions)
         common.update(position_ids=positions)
+        wanted = None if wanted is None else wanted[keep][None]
     else:
         common.update(attention_mask=mask)
     head = partial(next_token_log_probs, input_ids=ids, temperature=temperature, chunk_size=chunk_size)
     if entropy:
         head = partial(_with_entropy, head, temperature=temperature, chunk_size=chunk_size)
+    if rows_head is not None:
+        head = partial(_with_rows, head, rows_head, rows=wanted[:, 1:].reshape(-1))
     out = module(input_ids=ids, head=head, **common)
-    text = (out.head_output[0] if entropy else out.head_output).view(ids.shape[0], -1)
+    output, *rows = out.head_output if rows_head is not None else (out.head_output,)
+    text = (output[0] if entropy else output).view(ids.shape[0], -1)
     values = with_latent_densities(text, out.hidden_states, ids, latents, pad_id, sigma, scale_by_dim)
     scores = [values, latent_means(out.hidden_states, ids, pad_id)]
     if entropy:
-        scores.append(torch.nn.functional.pad(out.head_output[1].view(ids.shape[0], -1), (1, 0)))
+        scores.append(torch.nn.functional.pad(output[1].view(ids.shape[0], -1), (1, 0)))
     if padding_free:  # back to the padded layout; the means are per latent step, in order, either way
         scores = [unpack(value, keep) if index != 1 else value for index, value in enumerate(scores)]
-    return tuple(scores)
+    return tuple(scores + rows)
 
 
 def _with_entropy(log_probs_head, hidden_states, lm_head, temperature: float, chunk_size: int) -> torch.Tensor:
     """(2, n): the next-token log-probs and the next-token entropies, one head output (not a view)."""
     return torch.stack([log_probs_head(hidden_states, lm_head),
                         next_token_entropy(hidden_states, lm_head, temperature, chunk_size)])
+
+
+def _with_rows(head, rows_head, hidden_states, lm_head, rows: torch.Tensor) -> tuple:
+    """(`head`'s output, `rows_head` of the hidden states at `rows` of hidden[:, :-1]): token t is predicted from
+    the hidden state at t − 1."""
+    selected = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])[rows]
+    return head(hidden_states, lm_head), rows_head(selected, lm_head)
 
 
 def unwrapped(module):

@@ -73,15 +73,18 @@ class ShardedModel:
         return [p for name, p in self.module.named_parameters() if is_adapter_key(name, adapter)]
 
     # ---- log-probs -------------------------------------------------------------------------------------------
-    def scores(self, micro, sigma: float, entropy: bool = False) -> tuple[torch.Tensor, ...]:
+    def scores(self, micro, sigma: float, entropy: bool = False, rows_head=None, wanted=None
+               ) -> tuple[torch.Tensor, ...]:
         """(B, R) log-likelihood of each response position of `micro` and the (latents, D) fp32 means of its
         latent steps in recorded order, with gradients when in train mode; with `entropy` also the (B, R)
-        next-token entropy at each response position (text positions: `algorithms.entropy`)."""
+        next-token entropy at each response position (text positions: `algorithms.entropy`); with `rows_head`
+        last its rows at the `wanted` input positions, from the same forward (`model_inputs.position_scores`)."""
         cfg = self.config
         scores = position_scores(self.module, model_inputs(micro, self.device), cfg.temperature, sigma,
-                                 cfg.latent_logprob_scale == "dim", cfg.padding_free, cfg.logprob_chunk_size, entropy)
-        width = micro.tensors["responses"].shape[1]
-        return tuple(value if index == 1 else value[:, -width:] for index, value in enumerate(scores))
+                                 cfg.latent_logprob_scale == "dim", cfg.padding_free, cfg.logprob_chunk_size, entropy,
+                                 rows_head, wanted)
+        width, per_position = micro.tensors["responses"].shape[1], (0, 2) if entropy else (0,)
+        return tuple(value[:, -width:] if index in per_position else value for index, value in enumerate(scores))
 
     @property
     def latent_pad_id(self) -> int:

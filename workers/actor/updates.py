@@ -87,11 +87,13 @@ def run_epochs(policy: Policy, batch, mini_batch_size: int, epochs: int, step_fn
 
 
 # ---- PPO / GRPO with the latent Gaussian terms (VLPO, and the self-evolution roles) -----------------------------
-def ppo_loss(policy: Policy, micro, counts: GlobalCounts, cfg, kl_coef: float):
+def ppo_loss(policy: Policy, micro, counts: GlobalCounts, cfg, kl_coef: float, scores: tuple | None = None):
     """Policy loss (`worker.actor.loss_type`) over text and latent positions, plus the KL loss to the reference,
     minus `entropy_coeff` times the text positions' entropy (latent positions count as 0: their Gaussian entropy
-    is a constant of σ)."""
-    log_probs, means, *entropy = policy.model.scores(micro, cfg.monet_rl_sigma, entropy=cfg.entropy_coeff > 0)
+    is a constant of σ). `scores`: the micro-batch's `ShardedModel.scores` (with the entropy when entropy_coeff > 0)
+    from a forward the caller already ran; None runs it here."""
+    log_probs, means, *entropy = scores or policy.model.scores(micro, cfg.monet_rl_sigma,
+                                                               entropy=cfg.entropy_coeff > 0)
     device = log_probs.device
     mask = micro.tensors["response_mask"].to(device).float()
     pg_tokens, pg_metrics = compute_policy_loss(

@@ -17,7 +17,8 @@ import torch
 
 from RL.config import load_config
 from tests.helpers import read_metrics
-from workers.policy_worker import PolicyWorker
+from workers.actor.host_bucket import SHM_DIR
+from workers.policy_worker import PolicyWorker, owned_copies
 from workers.rollout.base import WAKE_TAGS, RolloutEngine, SamplingParams, weights_items
 
 pytestmark = pytest.mark.slow  # a Ray cluster with two ranks
@@ -83,9 +84,10 @@ class LifecycleWorker(PolicyWorker):
             return str(error)
         return ""
 
-    def compare_syncs(self, prompts, bucket_mb: float) -> dict:
+    def compare_syncs(self, prompts, bucket_mb: float, host_bucket: bool) -> dict:
         """Greedy outputs and engine weights after the old sync (the full state dict gathered at once) and after the
-        streamed one (`begin_rollout` with `sync_bucket_mb`), each from the checkpoint's weights."""
+        streamed one (`begin_rollout` with `sync_bucket_mb`, through the host's shared bucket or, as on a GPU or
+        across hosts, all-gathers), each from the checkpoint's weights."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from monet_models.transformers import load_latent_model
@@ -101,6 +103,7 @@ class LifecycleWorker(PolicyWorker):
         engine.update_weights(initial)
         self.end_rollout()
         self.config.worker.rollout.sync_bucket_mb = bucket_mb
+        self.model._bucket = None if host_bucket else False  # False: the ranks cannot share memory
         self._actor_changed()  # as after an update: the next phase streams
         self.begin_rollout()
         new = engine.generate(prompts, params), engine.model.state_dict()
@@ -109,6 +112,7 @@ class LifecycleWorker(PolicyWorker):
             "same_tokens": [a.response_ids.tolist() == b.response_ids.tolist() for a, b in zip(old[0], new[0])],
             "same_log_probs": [torch.equal(a.token_log_probs, b.token_log_probs) for a, b in zip(old[0], new[0])],
             "same_weights": old[1].keys() == new[1].keys() and all(torch.equal(old[1][k], new[1][k]) for k in old[1]),
+            "through_host_bucket": bool(self.model._bucket),
             "update_moved_log_probs": any(not torch.equal(a.token_log_probs, b.token_log_probs)
                                           for a, b in zip(before, old[0])),
         }
@@ -173,7 +177,7 @@ class LifecycleWorker(PolicyWorker):
                   for name in self.model.adapters}
         served = all(
             engine[name].keys() == actor.keys() and all(torch.equal(engine[name][k], v) for k, v in actor.items())
-            for name, actor in ((name, dict(self.model.stream_weights(name))) for name in self.model.adapters))
+            for name, actor in ((name, owned_copies(self.model.stream_weights(name))) for name in self.model.adapters))
         self.end_rollout()
         return {"files": os.listdir(tmpdir), "opened_for_writing": writes, "served": served,
                 "calls": self.engine_calls()}
@@ -243,9 +247,11 @@ def test_training_step_drives_the_engine_in_order(run, tiny_model_dir):
 
 def test_streamed_sync_equals_the_full_state_dict_sync(run, tiny_model_dir):
     trainer, _, _ = run
-    for bucket_mb in (0.0, 0.05):  # one parameter at a time; buckets of several parameters
-        for result in trainer.policy.call("compare_syncs", _encode(tiny_model_dir), bucket_mb):
+    # one parameter at a time; buckets of several parameters; through shared memory or all-gathers
+    for bucket_mb, host_bucket in ((0.0, True), (0.05, True), (0.0, False), (0.05, False)):
+        for result in trainer.policy.call("compare_syncs", _encode(tiny_model_dir), bucket_mb, host_bucket):
             assert all(result["same_tokens"]) and all(result["same_log_probs"]) and result["same_weights"]
+            assert result["through_host_bucket"] == host_bucket
             assert result["update_moved_log_probs"]  # the step changed the weights: the comparison means something
 
 
@@ -271,7 +277,10 @@ def test_lora_sync_streams_adapters_in_memory_without_files(run, tmp_path):
     results = ray.get([worker.lora_sync_writes.remote(str(folder))
                        for worker, folder in zip(trainer.policy.workers, folders)])
     for result in results:
-        assert result["files"] == [] and result["opened_for_writing"] == []
+        # the only file opened: the host's shared-memory sync bucket (tmpfs, unlinked once every rank mapped it)
+        bucket = [path for path in result["opened_for_writing"] if path.startswith(f"{SHM_DIR}/latent_rl_sync_")]
+        assert result["files"] == [] and result["opened_for_writing"] == bucket
+        assert not any(os.path.exists(path) for path in bucket)
         assert result["served"]
         assert phases(result["calls"])[-5:] == ["wake_up:weights", "update_adapter:solver", "update_adapter:proposer",
                                                "wake_up:kv_cache", "sleep"]

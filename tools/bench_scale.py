@@ -16,8 +16,9 @@ before it (and for the first sync) are compared without their optimizer componen
 steady-state figure is printed beside it. `--skip-update` leaves the update out (its memory is the largest; the sync is
 then the first one). Per phase and rank: the peak resident set of the rank's process (VmHWM, reset at the phase's start through
 /proc/self/clear_refs) and of the rank with its child processes (sampled every 20 ms), beside the memory plan's figure
-for the same config (RL/memory_plan.py, on CPU: host memory per rank). The sync is timed against copying the same
-bytes tensor to tensor in one process, and the bytes it writes to any file system are read from /proc/<pid>/io
+for the same config (RL/memory_plan.py, on CPU: host memory per rank). The sync's seconds are the median of
+`--sync-repeats` more syncs after the phases, with the sampling thread stopped (it shares the cores; the metered one
+is printed too), against copying the same bytes tensor to tensor in one process, and the bytes it writes to any file system are read from /proc/<pid>/io
 (`write_bytes` of the rank and its children) and a listing of its TMPDIR. The latent hand-back is timed on the engine's
 own record → RolloutSample path (native: RolloutRecorder.to_samples; vLLM: LatentRecord.result, what monet_collect
 returns in-process) for 512 requests x 10 latents of width 3584 with their log-probs, against a memcpy of those bytes.
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--ref", action="store_true", help="also a reference model (KL); default algorithm.disable_kl")
     parser.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
     parser.add_argument("--skip-update", action="store_true", help="no update phase; the sync is the first one")
+    parser.add_argument("--sync-repeats", type=int, default=3, help="unmetered syncs timed after the phases")
     parser.add_argument("--handback-requests", type=int, default=512)
     parser.add_argument("--handback-width", type=int, default=3584)
     parser.add_argument("--seed", type=int, default=0)
@@ -196,16 +198,28 @@ def rank_main(rank: int, args, config, port: int, queue) -> None:
         worker.end_rollout()
     else:
         meter.results["sync"] = meter.results["first_sync"]
+    meter.close()  # its sampling thread would share the two cores with the timed syncs below
+    sync_times = [first_seconds if args.skip_update else sync_seconds] + timed_syncs(worker, args.sync_repeats)
     # what a sync streams: every parameter of the model once, in the engine's dtype (vLLM on CPU repacks its linear
     # layers out of `parameters()`, so the engine's own tensors cannot be counted)
     engine_bytes = sum(p.numel() for p in worker.model.module.parameters()) * torch_dtype(args.dtype).itemsize
-    meter.close()
     close = getattr(worker.engine, "close", None)  # vLLM's in-process engine ends the process group with it
-    queue.put({"rank": rank, "baseline_gib": baseline, "phases": meter.results, "sync_seconds": sync_seconds,
+    queue.put({"rank": rank, "baseline_gib": baseline, "phases": meter.results, "sync_seconds": sync_times,
                "sync_write_bytes": io["write_bytes"], "tmpdir_new_files": io["new_files"],
                "engine_weight_bytes": engine_bytes, "latents": sum(s.num_latents for s in samples),
                "tokens": int(batch.tensors["attention_mask"].sum()), "dtype": str(torch_dtype(args.dtype))})
     close() if close else worker.shutdown()
+
+
+def timed_syncs(worker, repeats: int) -> list[float]:
+    """Seconds of `repeats` more syncs of the (unchanged) actor, each marked as changed so that it streams, with
+    nothing else running in the process."""
+    times = []
+    for _ in range(repeats):
+        worker._actor_changed()  # what an update does: the engine's copy is stale
+        times.append(worker.begin_rollout())
+        worker.end_rollout()
+    return times
 
 
 def rank_prompts(processor, args, rank: int):
@@ -377,7 +391,9 @@ def report(args, config, results: list[dict], model_dir: str) -> dict:
                                                 for c in next(p for p in plan.phases if p.name == name).components
                                                 if c.counted and c.device}}
     engine_bytes = results[0]["engine_weight_bytes"]
-    sync = max(result["sync_seconds"] for result in results)
+    # a sync ends when its slowest rank does; the first (metered, right after the update) and the unmetered repeats
+    syncs = [max(times) for times in zip(*(result["sync_seconds"] for result in results))]
+    sync = statistics.median(syncs[1:] or syncs)
     copy = copy_seconds(engine_bytes)
     return {
         "shape": args.shape, "layers": args.layers, "ranks": args.ranks, "engine": args.engine, "dtype": args.dtype,
@@ -386,7 +402,8 @@ def report(args, config, results: list[dict], model_dir: str) -> dict:
         "baseline_gib": [round(r["baseline_gib"], 3) for r in results],
         "phases": phases,
         "first_sync_gib": [round(r["phases"]["first_sync"]["peak_gib"], 3) for r in results],
-        "sync": {"seconds": round(sync, 3), "bytes": engine_bytes, "copy_seconds": round(copy, 3),
+        "sync": {"seconds": round(sync, 3), "metered_seconds": round(syncs[0], 3),
+                 "unmetered_seconds": [round(t, 3) for t in syncs[1:]], "bytes": engine_bytes, "copy_seconds": round(copy, 3),
                  "over_copy": round(sync / copy, 1),
                  "write_bytes": [r["sync_write_bytes"] for r in results],
                  "tmpdir_new_files": sorted({f for r in results for f in r["tmpdir_new_files"]})},

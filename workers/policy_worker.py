@@ -128,7 +128,7 @@ class PolicyWorker(DistributedWorker):
         at a time, cast to the engine's dtype; no file, and never a second full copy on the device."""
         if self.adapters:
             for name in self.adapters:
-                self.engine.update_adapter(name, dict(self._stream(name)), self._adapter_config())
+                self.engine.update_adapter(name, owned_copies(self._stream(name)), self._adapter_config())
         else:
             stream = self._stream(None)
             try:
@@ -155,7 +155,7 @@ class PolicyWorker(DistributedWorker):
 
     def _collect(self, stream) -> dict | None:
         if self.rank == 0:
-            return {name: tensor.cpu() for name, tensor in stream}
+            return owned_copies(stream)
         for _ in stream:
             pass
         return None
@@ -276,3 +276,8 @@ def free_cached_memory() -> None:
     runs next can use the memory the other just released (a no-op on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def owned_copies(stream) -> dict[str, torch.Tensor]:
+    """{name: host copy} of a weight stream, whose tensors are valid only until the next one is drawn."""
+    return {name: tensor.to("cpu", copy=True) for name, tensor in stream}

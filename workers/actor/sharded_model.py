@@ -25,6 +25,7 @@ from monet_models.latent_tokens import LatentTokens, add_latent_tokens
 from monet_models.processor import load_processor
 from monet_models.transformers import LatentQwen2_5_VLForConditionalGeneration, load_latent_model
 from workers.actor.fsdp import shard_model
+from workers.actor.host_bucket import HostBucket, bucket_bytes_needed, row_sharded
 from workers.actor.lora import apply_lora, is_adapter_key, saved_adapter_key
 from workers.actor.model_inputs import micro_batches, model_inputs, position_scores, token_budget, unwrapped
 
@@ -52,6 +53,7 @@ class ShardedModel:
         # Rank 0's full tensors, kept alive past sharding (which copies each rank's slice out of them and, on a GPU,
         # moves one module at a time to the device).
         self.module = shard_loaded(model, None if on_meta else model.state_dict(), fsdp, offload, self.device)
+        self._bucket: HostBucket | None | bool = None  # the weight sync's shared bucket; False: the ranks cannot share one
 
     # ---- which weights compute ---------------------------------------------------------------------------------
     @contextmanager
@@ -120,16 +122,34 @@ class ShardedModel:
         """(name, full tensor) pairs, one parameter at a time, on this rank's device: a collective generator that
         every rank must iterate to the end. Names are Hugging Face names (a tied weight once, under its first name);
         with `adapter`, only that adapter's tensors in peft's saved naming. Each shard is cast to `dtype` before it
-        is gathered (half the traffic for a bf16 engine). `bucket_bytes` > 0 issues the all-gathers of a bucket of
-        parameters of about that many bytes together and then yields them one by one (fewer waits, a bucket's
-        tensors alive at once); 0 gathers one tensor at a time."""
-        entries = list(self._weight_entries(adapter))
-        for bucket in _buckets(entries, dtype, bucket_bytes):
+        is gathered (half the traffic for a bf16 engine). `bucket_bytes` > 0 gathers a bucket of parameters of about
+        that many bytes together and then yields them one by one (fewer waits, a bucket's tensors alive at once); 0
+        gathers one tensor at a time. A tensor is valid until the next one is drawn (CPU ranks on one host gather
+        through a shared bucket that the next gather overwrites, see host_bucket.py): a consumer that keeps tensors
+        copies them."""
+        buckets = list(_buckets(list(self._weight_entries(adapter)), dtype, bucket_bytes))
+        host = self._host_bucket(buckets, dtype)
+        for bucket in buckets:
+            if host is not None:
+                yield from host.gather(bucket, dtype)
+                continue
             gathered = [(name, _gather(value, dtype, self.device)) for name, value in bucket]
             while gathered:
                 name, tensor = gathered.pop(0)
                 yield name, _waited(tensor)
                 del tensor  # the consumer holds it as long as it needs it, the generator no longer
+
+    def _host_bucket(self, buckets: list, dtype: torch.dtype | None) -> HostBucket | None:
+        """The host's shared bucket, opened (or grown) when this stream needs more than it holds; None when nothing
+        is sharded over several ranks or the ranks cannot share memory (then every stream all-gathers)."""
+        sharded = next((value for bucket in buckets for _, value in bucket if row_sharded(value)), None)
+        if sharded is None or sharded.device_mesh.size() == 1 or self._bucket is False:
+            return None
+        needed = bucket_bytes_needed(buckets, dtype)
+        if self._bucket is None or self._bucket.nbytes < needed:
+            self._bucket = None  # the old mapping goes before a larger one is made
+            self._bucket = HostBucket.open(sharded.device_mesh.get_group(), needed) or False
+        return self._bucket or None
 
     def _weight_entries(self, adapter: str | None):
         """(name, sharded tensor) of the whole model (parameters and persistent buffers, each storage once) or of

@@ -159,7 +159,9 @@ class RolloutEngine(ABC):
         """Replace weights in place, by Hugging Face (transformers) parameter name. `weights` is an iterable of
         (name, tensor) pairs, typically a generator that gathers one parameter (or bucket) at a time: the engine
         consumes it once, to the end, in memory (no file, never the whole model a second time). Tensors arrive cast
-        to the engine's dtype. A Mapping also works (`weights_items`). The native engine takes any subset; vLLM
+        to the engine's dtype, each valid only until the next one is drawn (it may be a view of a shared bucket that
+        the next gather overwrites): an engine that keeps one copies it. A Mapping also works (`weights_items`). The
+        native engine takes any subset; vLLM
         needs every tensor of each layer it updates, so send the full model."""
 
     @abstractmethod

@@ -332,9 +332,12 @@ class VLLMRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------------------------- weights, adapters
     def update_weights(self, weights: Weights) -> None:
         """Stream (name, tensor) pairs into vLLM's in-place reload, in memory; every tensor of a layer must come
-        (the full model). vLLM drops the LoRA adapters on a reload, so they must be sent again."""
+        (the full model). vLLM drops the LoRA adapters on a reload, so they must be sent again. vLLM holds a layer's
+        tensors until the layer is complete, while a tensor in shared memory may be a view of the host bucket that
+        the next gather overwrites (workers/actor/host_bucket.py): those are copied as they arrive."""
         self._check_weights_awake("update_weights")
-        self.llm.collective_rpc("monet_reload_weights", args=(weights_items(weights),))
+        owned = ((name, tensor.clone() if tensor.is_shared() else tensor) for name, tensor in weights_items(weights))
+        self.llm.collective_rpc("monet_reload_weights", args=(owned,))
         self.llm.llm_engine.reset_encoder_cache()  # the scheduler's record of cached image features is stale now
         self._adapters.clear()
 

@@ -20,7 +20,7 @@ import yaml
 from tests.helpers import REPO, read_metrics
 from RL.toy_task import make_toy_dataset
 
-SCRIPTS = ["vlpo_train.sh", "ireasoner_train.sh", "sft_train.sh", "eval.sh", "merge_model.sh"]
+SCRIPTS = ["vlpo_train.sh", "ireasoner_train.sh", "sft_train.sh", "eval.sh", "merge_model.sh", "lmms_eval_endpoint.sh"]
 
 
 def launch(script: str, *args: str, folder: Path, **env: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The weight sync's shared-memory bucket (workers/actor/host_bucket.py) on a gloo world of two CPU processes: full
 tensors equal to the originals whatever the row split (uneven, a rank with no rows), cast on the way, replicated
-tensors passed through, no file left behind, and no bucket (on every rank) when /dev/shm cannot hold it."""
+tensors handed to the caller's gather, no file left behind, and no bucket (on every rank) when /dev/shm cannot
+hold it."""
 import json
 import os
 import socket
@@ -27,7 +28,8 @@ def _rank(rank: int, port: int, folder: str) -> None:
         before = set(os.listdir(SHM_DIR))
         too_big = HostBucket.open(mesh.get_group(), 1 << 50)
         bucket = HostBucket.open(mesh.get_group(), bucket_bytes_needed([entries], torch.bfloat16))
-        gathered = {name: tensor.clone() for name, tensor in bucket.gather(entries, torch.bfloat16)}
+        gathered = {name: tensor.clone() for name, tensor in bucket.gather(  # a replicated tensor: the caller's gather
+            entries, torch.bfloat16, lambda value: value.to(torch.bfloat16))}
         expected = {**{name: value.to(torch.bfloat16) if value.is_floating_point() else value
                        for name, value in full.items()}, "buffer": torch.ones(2, dtype=torch.bfloat16)}
         result = {"too_big_is_none": too_big is None, "shared": bucket.buffer.is_shared(),

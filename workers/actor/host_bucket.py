@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -71,11 +71,12 @@ class HostBucket:
             os.unlink(path[0])
         return cls(group, buffer) if mapped else None
 
-    def gather(self, bucket: list, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    def gather(self, bucket: list, dtype: torch.dtype | None, gather_other: Callable[[torch.Tensor], torch.Tensor]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for each entry of `bucket`: row-sharded tensors as views of the shared buffer, valid
-        until the next bucket is gathered; others (replicated buffers) as their own tensor, cast to `dtype`. Every rank
-        writes its rows, a barrier, then the views; the barrier after the last one keeps a rank from overwriting what
-        another still reads."""
+        until the next bucket is gathered; the others (replicated buffers) through `gather_other` (the caller's
+        collective gather). Every rank writes its rows, a barrier, then the views; the barrier after the last one
+        keeps a rank from overwriting what another still reads."""
         views, offset = {}, 0
         with torch.no_grad():
             for name, value in bucket:
@@ -83,7 +84,7 @@ class HostBucket:
                     views[name], offset = self._write_rows(value, dtype, offset)
         dist.barrier(group=self.group)
         for name, value in bucket:
-            yield name, views[name] if name in views else _cast(value, dtype)
+            yield name, views[name] if name in views else gather_other(value)
         dist.barrier(group=self.group)
 
     def _write_rows(self, value, dtype: torch.dtype | None, offset: int) -> tuple[torch.Tensor, int]:
@@ -100,14 +101,6 @@ class HostBucket:
                                f"dim-0 chunks of {chunk} rows were expected")
         full[start:start + local.shape[0]].copy_(local)
         return full, offset + _aligned(nbytes)
-
-
-def _cast(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        value = value.full_tensor()
-    return value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
 
 def _nbytes(value, dtype: torch.dtype | None) -> int:

@@ -106,13 +106,13 @@ def _latent_pad_id(module) -> int:
 
 
 # ---- micro-batches: a fixed number of samples, or a token budget (dynamic batching) -------------------------------
-def token_budget(actor_config, update: bool) -> int:
-    """Tokens per micro-batch on one device with `worker.actor.dynamic_batching` (verl's
-    `ppo_max_token_len_per_gpu` for the update, `log_prob_max_token_len_per_gpu` for old/reference log-probs);
-    0 when off (micro-batches of a fixed number of samples)."""
-    if not actor_config.dynamic_batching:
+def token_budget(section, update: bool, forward_key: str = "log_prob_max_token_len_per_gpu") -> int:
+    """Tokens per micro-batch on one device with `<section>.dynamic_batching` (verl's `ppo_max_token_len_per_gpu`
+    for the update, `forward_key` for the passes without gradients: the actor's `log_prob_max_token_len_per_gpu`,
+    the critic's `forward_max_token_len_per_gpu`); 0 when off (micro-batches of a fixed number of samples)."""
+    if not section.dynamic_batching:
         return 0
-    return actor_config.ppo_max_token_len_per_gpu if update else actor_config.log_prob_max_token_len_per_gpu
+    return section.ppo_max_token_len_per_gpu if update else getattr(section, forward_key)
 
 
 def micro_batches(batch, size: int, budget: int = 0, padding_free: bool = True) -> list:

@@ -53,7 +53,7 @@ class ShardedModel:
         # Rank 0's full tensors, kept alive past sharding (which copies each rank's slice out of them and, on a GPU,
         # moves one module at a time to the device).
         self.module = shard_loaded(model, None if on_meta else model.state_dict(), fsdp, offload, self.device)
-        self._bucket: HostBucket | None | bool = None  # the weight sync's shared bucket; False: the ranks cannot share one
+        self._bucket: HostBucket | None | bool = None  # the sync's shared bucket; False: ranks cannot share one
 
     # ---- which weights compute ---------------------------------------------------------------------------------
     @contextmanager
@@ -131,7 +131,7 @@ class ShardedModel:
         host = self._host_bucket(buckets, dtype)
         for bucket in buckets:
             if host is not None:
-                yield from host.gather(bucket, dtype)
+                yield from host.gather(bucket, dtype, lambda value: _waited(_gather(value, dtype, self.device)))
                 continue
             gathered = [(name, _gather(value, dtype, self.device)) for name, value in bucket]
             while gathered:

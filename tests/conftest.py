@@ -42,6 +42,18 @@ def process_group():
 
 
 @pytest.fixture(scope="module", autouse=True)
+def no_process_group_left(request):
+    """A module that leaves torch.distributed's default group behind breaks whichever module its pytest worker runs
+    next ("trying to initialize the default process group twice"): the group is ended and the module that left it
+    fails."""
+    yield
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail(f"{request.module.__name__} left a torch.distributed process group behind")
+
+
+@pytest.fixture(scope="module", autouse=True)
 def ray_session():
     """A module's tests share the local Ray cluster the first of them starts; it is shut down with the module."""
     yield

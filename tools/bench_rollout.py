@@ -150,8 +150,12 @@ def run(args, folder: str) -> dict:
         extra["vllm"] = {"start_seconds": round(time.perf_counter() - started, 1),
                          "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
         runs.update({f"vllm_{m}": engine_run(args, fast, prompts, m) for m in methods if m in ("sample", "monet")})
-    results = {method: summarise(args, method, seconds, times, out, enc["input_ids"].shape[1])
-               for method, (seconds, times, out) in timed_round_robin(runs, args.device, args.repeats).items()}
+    try:
+        results = {method: summarise(args, method, seconds, times, out, enc["input_ids"].shape[1])
+                   for method, (seconds, times, out) in timed_round_robin(runs, args.device, args.repeats).items()}
+    finally:
+        if args.engine == "vllm":
+            fast.close()  # its engine core and the process group it made end here, not with the caller's process
     return build_report(args, model, results, extra)
 
 

@@ -24,6 +24,7 @@ TOY="${TOY_DIR:-$REPO/examples/toy_data/generated}"
 # The toy task the embedded defaults write into $TOY: pointer (RL/toy_pointer_task.py: "what colour is the cell the
 # arrow points to?", Monet rows zooming into the target) or shapes (RL/toy_task.py). docs/evaluation.md §6.
 TOY_TASK="${TOY_TASK:-shapes}"
+TOY_TRAIN="${TOY_TRAIN:-512}"  # training images the toy generator draws
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 export LATENT_SIZE="${LATENT_SIZE:-10}"
@@ -78,9 +79,10 @@ ensure_toy_inputs() {
   build_once "$EMBEDDED/tiny_model/BUILD_OK" "$(content_hash "$REPO/monet_models/tiny_model.py" "$REPO/RL/toy_task.py")" \
     "$PYTHON" -m tools.make_tiny_model --out "$EMBEDDED/tiny_model"
   [[ "$TOY_TASK" == pointer || "$TOY_TASK" == shapes ]] || fail "TOY_TASK=$TOY_TASK: give pointer or shapes"
-  build_once "$TOY/TOY_OK" "$TOY_TASK-$(content_hash "$REPO/RL/toy_task.py" "$REPO/RL/toy_pointer_task.py" \
-      "${toy_prompts[@]}")" \
-    "$PYTHON" -m tools.toy_task --task "$TOY_TASK" --out "$TOY" --sft --selfplay-prompts "${toy_prompts[@]}"
+  build_once "$TOY/TOY_OK" "$TOY_TASK-$TOY_TRAIN-$(content_hash "$REPO/RL/toy_task.py" \
+      "$REPO/RL/toy_pointer_task.py" "${toy_prompts[@]}")" \
+    "$PYTHON" -m tools.toy_task --task "$TOY_TASK" --out "$TOY" --train "$TOY_TRAIN" --sft \
+      --selfplay-prompts "${toy_prompts[@]}"
 }
 
 # A warm start's seal: its model folder's SFT_OK holds the settings it was built with, one `name=value` a line, so a

@@ -19,8 +19,9 @@
 # Then `python -m tools.latent_evidence` writes evidence.md (the tables, 95% Wilson intervals), val_accuracy.png
 # (validation accuracy per step of the RL arms) and ablations.png. Re-running skips every model and pass already
 # there. docs/evaluation.md section 6 holds the table measured with the defaults.
-# Environment: EVIDENCE_DIR, SEEDS, SHARE_SFT, SFT_STEPS_1/2/3 (default 100, 60, 500), RL_STEPS (default 30), LATENT_NOISE,
-# LATENT_SIZE (K, default 10), EVIDENCE_VAL, DRY_RUN=1 (print the commands only).
+# Environment: EVIDENCE_DIR, SEEDS, SHARE_SFT, TOY_TRAIN (training images drawn, default 512), SFT_STEPS_1/2/3
+# (default 100, 60, 500), RL_STEPS (default 30), LATENT_NOISE, LATENT_SIZE (K, default 10), EVIDENCE_VAL, DRY_RUN=1
+# (print the commands only).
 set -euo pipefail
 source "$(dirname "$0")/common.sh" "$@"
 [ "$#" -eq 0 ] || fail "latent_evidence.sh takes no arguments (got $1); set its environment variables instead"

@@ -15,7 +15,8 @@ MASK = "***"
 # Read by the judges, trackers and hubs; listed so they are masked even if the name rule below changes.
 SECRET_ENV_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY", "DEEPSEEK_API_KEY", "OPENAI_API_KEY", "WANDB_API_KEY",
                    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ANTHROPIC_API_KEY")
-NOT_SECRET = frozenset({"prompt_key", "answer_key", "image_key"})  # data column names end in "_key"
+# data column names and a reward component's name (algorithm.filter_key) end in "_key"
+NOT_SECRET = frozenset({"prompt_key", "answer_key", "image_key", "filter_key"})
 SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"})
 MIN_VALUE_LENGTH = 8  # shorter values ("1", "true") would garble every log if masked by value
 SECRET_SHAPES = (
@@ -65,7 +66,9 @@ def mask_text(text: Any, values: Iterable[str] = ()) -> str:
 
 
 def redact(tree: Any, values: Iterable[str] = ()) -> Any:
-    """A copy of `tree` with secret-named keys' values replaced by *** and every string masked as by `mask_text`.
+    """A copy of `tree` with the text values of secret-named keys replaced by *** (a number or a flag is never a
+    secret: `ppo_max_token_len_per_gpu` stays a number the config can be loaded from) and every string masked as by
+    `mask_text`.
 
     `values` are extra secret values (e.g. `secret_values(config)`). The input is not modified.
     """
@@ -87,7 +90,7 @@ def _mask(text: str, values: tuple[str, ...]) -> str:
 
 def _redact(tree: Any, values: tuple[str, ...]) -> Any:
     if isinstance(tree, dict):
-        return {key: (MASK if is_secret_key(key) and value not in (None, "") and not isinstance(value, dict)
+        return {key: (MASK if is_secret_key(key) and isinstance(value, (str, list, tuple)) and value
                       else _redact(value, values)) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
         return [_redact(item, values) for item in tree]

@@ -71,6 +71,18 @@ def test_redact_masks_secret_keys_only():
     assert CONFIG["worker"]["reward"]["judge"]["api_key"] == SECRET  # the input is not modified
 
 
+def test_a_redacted_run_config_without_secrets_loads_back_unchanged(tmp_path, tiny_model_dir, toy_data_dir):
+    """config.yaml is the run's resolved config: numbers under names with "token" in them (the token budgets) and
+    the filter's reward component (`filter_key`) are no secrets, so the file loads back as the config it came from."""
+    from RL.config import load_config, to_yaml
+
+    config = load_config(["config=examples/config/vlpo_tiny_cpu.yaml", f"worker.actor.model.model_path={tiny_model_dir}",
+                          f"data.train_files={toy_data_dir}/train.jsonl"])
+    to_yaml(config, redact=True, path=tmp_path / "config.yaml")
+    assert "***" not in (tmp_path / "config.yaml").read_text()
+    assert load_config([f"config={tmp_path / 'config.yaml'}"]) == config
+
+
 def _all_bytes(folder):
     return b"".join(path.read_bytes() for path in folder.rglob("*") if path.is_file())
 

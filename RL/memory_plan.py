@@ -327,9 +327,6 @@ def _pair(device_bytes: int, host_bytes: int, device: Device) -> str:
 # ---- building the plan ---------------------------------------------------------------------------------------------
 ROLES = ("actor", "ref", "rollout")
 CRITIC = "critic"
-# the token-budget keys of a role with dynamic_batching: (no-gradient pass, update)
-BUDGET_KEYS = {"actor": ("log_prob_max_token_len_per_gpu", "ppo_max_token_len_per_gpu"),
-               CRITIC: ("forward_max_token_len_per_gpu", "ppo_max_token_len_per_gpu")}
 
 
 def plan_memory(config, device: Device, dims: ModelDims | None = None, roles=ROLES) -> MemoryPlan:
@@ -568,7 +565,7 @@ class _Planner:
         the longest sequence."""
         section, data = self.section(role), self.config.data
         if section.dynamic_batching:
-            return getattr(section, BUDGET_KEYS[role][update])
+            return section.token_budget(update)
         samples = section.micro_batch_size_per_device_for_update if update else \
             section.micro_batch_size_per_device_for_experience
         return samples * (data.max_prompt_length + data.max_response_length)
@@ -577,7 +574,7 @@ class _Planner:
         """The key that sets the size of `role`'s micro-batches (named when their activations do not fit)."""
         section = self.section(role)
         if section.dynamic_batching:
-            return f"worker.{role}.{BUDGET_KEYS[role][update]}"
+            return f"worker.{role}.{section.budget_key(update)}"
         return f"worker.{role}.micro_batch_size_per_device_for_{'update' if update else 'experience'}"
 
     def patches(self, tokens: int) -> int:

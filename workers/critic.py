@@ -10,7 +10,7 @@ The critic is a `Policy` (its own optimizer, schedule and DCP checkpoint under `
 offers what `Policy` and the update rules use of a `ShardedModel`, and `update_critic` is `optimizer_step` and
 `run_epochs` applied with the clipped value loss (`algorithms.compute_value_loss`). Its micro-batches are the
 actor's kind: a fixed number of samples, or with `worker.critic.dynamic_batching` a token budget
-(`token_budget`), which changes neither the values nor the loss.
+(`CriticConfig.token_budget`), which changes neither the values nor the loss.
 """
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ import torch
 
 from algorithms import compute_value_loss
 from monet_models.transformers.packing import pack, unpack
-from workers.actor.model_inputs import micro_batches, model_inputs, token_budget
+from workers.actor.model_inputs import micro_batches, model_inputs
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import load_on_rank0, shard_loaded
 from workers.actor.updates import GlobalCounts, optimizer_step, run_epochs
 
 ROLE = "critic"
-FORWARD_BUDGET = "forward_max_token_len_per_gpu"  # verl's budget key for the value pass (the update: ppo_...)
 
 
 class ValueModel(torch.nn.Module):
@@ -110,7 +109,7 @@ class CriticModel:
         """(B, R) values of a whole batch on the host, 0 outside the response mask (EasyR1's compute_values)."""
         self.module.eval()
         cfg = self.config
-        budget = token_budget(cfg, False, FORWARD_BUDGET)
+        budget = cfg.token_budget(update=False)
         parts = [self.values(micro).cpu() for micro in micro_batches(
             batch, cfg.micro_batch_size_per_device_for_experience, budget, cfg.padding_free)]
         return torch.cat(parts) * batch.tensors["response_mask"].float()
@@ -139,6 +138,6 @@ def update_critic(critic: Policy, batch, cfg, mini_batch_size: int) -> dict:
     loss_fn = lambda pol, micro, counts: value_loss(pol, micro, counts, cfg)  # noqa: E731
     metrics = run_epochs(critic, batch, mini_batch_size, cfg.ppo_epochs,
                          lambda mini: optimizer_step(critic, mini, loss_fn, cfg.micro_batch_size_per_device_for_update,
-                                                     cfg.max_grad_norm, token_budget(cfg, True, FORWARD_BUDGET),
+                                                     cfg.max_grad_norm, cfg.token_budget(update=True),
                                                      cfg.padding_free))
     return {key.replace("actor/", "critic/", 1): value for key, value in metrics.items()}

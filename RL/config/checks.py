@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from RL.config.schema import (CHOICES, LOGGERS, OPTIONAL_LOGGERS, VAL_OVERRIDABLE, ActorConfig, DataConfig,
-                              RootConfig)
+                              RootConfig, TokenBudgets)
 
 def problems(cfg: RootConfig, require_inputs: bool) -> Iterator[str]:
     """Every refused combination, as messages that lead with the dotted key(s)."""
@@ -126,19 +126,19 @@ def _check_actor(cfg: RootConfig) -> Iterator[str]:
 def _check_micro_batching(actor: ActorConfig, data: DataConfig) -> Iterator[str]:
     if actor.logprob_chunk_size < 0:
         yield f"worker.actor.logprob_chunk_size: must be >= 0 (0 = unchunked), got {actor.logprob_chunk_size}"
-    yield from _check_token_budgets("worker.actor", actor, ("ppo_max_token_len_per_gpu",
-                                                            "log_prob_max_token_len_per_gpu"), data)
+    yield from _check_token_budgets("worker.actor", actor, data)
 
 
-def _check_token_budgets(prefix: str, section, keys: tuple[str, ...], data: DataConfig) -> Iterator[str]:
+def _check_token_budgets(prefix: str, section: TokenBudgets, data: DataConfig) -> Iterator[str]:
     """With `<prefix>.dynamic_batching`, every token budget must hold the longest sequence (a sample never splits)."""
     if not section.dynamic_batching:
         return
     longest = data.max_prompt_length + data.max_response_length
-    for key in keys:
-        if getattr(section, key) < longest:
-            yield (f"{prefix}.{key}: a micro-batch must hold the longest sequence, data.max_prompt_length + "
-                   f"data.max_response_length = {longest} tokens, got {getattr(section, key)}")
+    for update in (True, False):
+        if section.token_budget(update) < longest:
+            yield (f"{prefix}.{section.budget_key(update)}: a micro-batch must hold the longest sequence, "
+                   f"data.max_prompt_length + data.max_response_length = {longest} tokens, "
+                   f"got {section.token_budget(update)}")
 
 
 def _check_optim(actor: ActorConfig) -> Iterator[str]:
@@ -312,8 +312,7 @@ def _check_critic(cfg: RootConfig) -> Iterator[str]:
         yield f"worker.critic.optim.lr: must be > 0, got {critic.optim.lr}"
     if len(critic.optim.betas) != 2 or not all(0 <= beta < 1 for beta in critic.optim.betas):
         yield f"worker.critic.optim.betas: expected two values in [0, 1), got {list(critic.optim.betas)}"
-    yield from _check_token_budgets("worker.critic", critic, ("ppo_max_token_len_per_gpu",
-                                                              "forward_max_token_len_per_gpu"), cfg.data)
+    yield from _check_token_budgets("worker.critic", critic, cfg.data)
     yield from _check_critic_width(cfg)
 
 

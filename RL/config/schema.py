@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 
 from monet_models.latent_tokens import default_latent_size
@@ -94,8 +94,24 @@ class OffloadConfig:
     offload_optimizer: bool = False
 
 
+class TokenBudgets:
+    """The token budgets of a section's micro-batches with `dynamic_batching` (verl's keys): `ppo_max_token_len_per_gpu`
+    for the update, the section's FORWARD_BUDGET_KEY for its passes without gradients."""
+
+    FORWARD_BUDGET_KEY: ClassVar[str]
+
+    def budget_key(self, update: bool) -> str:
+        return "ppo_max_token_len_per_gpu" if update else self.FORWARD_BUDGET_KEY
+
+    def token_budget(self, update: bool) -> int:
+        """Tokens per micro-batch on one device; 0 when dynamic batching is off (a fixed number of samples)."""
+        return getattr(self, self.budget_key(update)) if self.dynamic_batching else 0
+
+
 @dataclass
-class ActorConfig:
+class ActorConfig(TokenBudgets):
+    FORWARD_BUDGET_KEY: ClassVar[str] = "log_prob_max_token_len_per_gpu"  # old and reference log-probs
+
     global_batch_size: int = 16  # prompts per optimizer step (workers multiply by rollout.n)
     micro_batch_size_per_device_for_update: int = 2  # samples
     micro_batch_size_per_device_for_experience: int = 8  # samples, for log-prob passes
@@ -200,12 +216,13 @@ class CriticModelConfig:
 
 
 @dataclass
-class CriticConfig:
+class CriticConfig(TokenBudgets):
     """The value model for algorithm.adv_estimator=gae (read only then): the policy's latent-aware backbone and a
     scalar value head (zero-initialised, so the first values are 0), its own FSDP role on the policy workers, its
     own optimizer and checkpoint (`<step>/critic/`). V at a response position is read from the hidden state before
     it, where the actor reads a latent step's mean (docs/design.md, §4)."""
 
+    FORWARD_BUDGET_KEY: ClassVar[str] = "forward_max_token_len_per_gpu"  # the value pass
     global_batch_size: int = 16  # prompts per critic optimizer step (workers multiply by rollout.n)
     micro_batch_size_per_device_for_update: int = 2  # samples
     micro_batch_size_per_device_for_experience: int = 8  # samples, for the value pass

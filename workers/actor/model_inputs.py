@@ -106,15 +106,6 @@ def _latent_pad_id(module) -> int:
 
 
 # ---- micro-batches: a fixed number of samples, or a token budget (dynamic batching) -------------------------------
-def token_budget(section, update: bool, forward_key: str = "log_prob_max_token_len_per_gpu") -> int:
-    """Tokens per micro-batch on one device with `<section>.dynamic_batching` (verl's `ppo_max_token_len_per_gpu`
-    for the update, `forward_key` for the passes without gradients: the actor's `log_prob_max_token_len_per_gpu`,
-    the critic's `forward_max_token_len_per_gpu`); 0 when off (micro-batches of a fixed number of samples)."""
-    if not section.dynamic_batching:
-        return 0
-    return section.ppo_max_token_len_per_gpu if update else getattr(section, forward_key)
-
-
 def micro_batches(batch, size: int, budget: int = 0, padding_free: bool = True) -> list:
     """`batch` in consecutive micro-batches, in order: `size` samples each, or (`budget` > 0) at most `budget` tokens
     each (`sample_tokens`), as few as any rank needs and as even as they can be (`token_budget_groups`).

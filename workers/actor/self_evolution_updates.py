@@ -15,7 +15,6 @@ from functools import partial
 import torch
 
 from algorithms.kl import ExponentialKLController, full_vocab_kl, with_exact_latent_kl
-from workers.actor.model_inputs import token_budget
 from workers.actor.policy import Policy
 from workers.actor.updates import GlobalCounts, latent_rows, optimizer_step, ppo_loss, run_epochs
 
@@ -33,7 +32,7 @@ def self_evolution_update(policy: Policy, batch, cfg, mini_batch_size: int, kl_c
 
     def step(mini) -> dict:
         metrics = optimizer_step(policy, mini, loss_fn, cfg.micro_batch_size_per_device_for_update,
-                                 cfg.max_grad_norm, token_budget(cfg, update=True), cfg.padding_free)
+                                 cfg.max_grad_norm, cfg.token_budget(update=True), cfg.padding_free)
         if controller is not None:
             controller.update(metrics.get("actor/kl_loss", 0.0))
             beta[0] = controller.value

@@ -27,7 +27,7 @@ from monet_models.transformers import LatentQwen2_5_VLForConditionalGeneration, 
 from workers.actor.fsdp import shard_model
 from workers.actor.host_bucket import HostBucket, bucket_bytes_needed, row_sharded
 from workers.actor.lora import apply_lora, is_adapter_key, saved_adapter_key
-from workers.actor.model_inputs import micro_batches, model_inputs, position_scores, token_budget, unwrapped
+from workers.actor.model_inputs import micro_batches, model_inputs, position_scores, unwrapped
 
 
 class ShardedModel:
@@ -104,7 +104,8 @@ class ShardedModel:
         sample, kept beside the log-probs so the latent KL to the reference can be exact (algorithms.kl); with
         `entropy` also the (B, R) next-token entropies (`scores`)."""
         self.module.eval()
-        micro_size, budget = self.config.micro_batch_size_per_device_for_experience, token_budget(self.config, False)
+        micro_size = self.config.micro_batch_size_per_device_for_experience
+        budget = self.config.token_budget(update=False)
         log_probs, means, entropies = [], [], []
         with self.use(adapter):
             for micro in micro_batches(batch, micro_size, budget, self.config.padding_free):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from algorithms import aggregate_loss, compute_kl, compute_policy_loss, with_exact_latent_kl
 from workers.actor.fsdp import all_reduce_sum
-from workers.actor.model_inputs import micro_batches, token_budget
+from workers.actor.model_inputs import micro_batches
 from workers.actor.optimizers import clip_grad_norm
 from workers.actor.policy import Policy
 
@@ -139,7 +139,7 @@ def ppo_update(policy: Policy, batch, cfg, mini_batch_size: int, kl_coef: float)
     with the PPO ratio against the behaviour log-probs.
     """
     loss_fn = lambda pol, micro, counts: ppo_loss(pol, micro, counts, cfg, kl_coef)  # noqa: E731
-    micro_size, budget = cfg.micro_batch_size_per_device_for_update, token_budget(cfg, update=True)
+    micro_size, budget = cfg.micro_batch_size_per_device_for_update, cfg.token_budget(update=True)
     return run_epochs(policy, batch, mini_batch_size, cfg.ppo_epochs,
                       lambda mini: optimizer_step(policy, mini, loss_fn, micro_size, cfg.max_grad_norm, budget,
                                                   cfg.padding_free))

@@ -54,18 +54,8 @@ def position_scores(module, inputs: dict, temperature: float, sigma: float, scal
     positions at a time (`worker.actor.logprob_chunk_size`): the full (tokens x vocab) logits never exist. The
     entropy is computed in the same head, chunk by chunk (a second lm_head product per chunk).
     """
-    pad_id = _latent_pad_id(module)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    latents = inputs["latent_embeds"]
-    common = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], latent_embeds=latents,
-                  latent_mode=True)
-    if padding_free:
-        positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
-        ids, positions, keep = pack(ids, mask, positions)
-        common.update(position_ids=positions)
-        wanted = None if wanted is None else wanted[keep][None]
-    else:
-        common.update(attention_mask=mask)
+    pad_id, latents = _latent_pad_id(module), inputs["latent_embeds"]
+    ids, common, keep, wanted = _forward_args(module, inputs, padding_free, wanted)
     head = partial(next_token_log_probs, input_ids=ids, temperature=temperature, chunk_size=chunk_size)
     if entropy:
         head = partial(_with_entropy, head, temperature=temperature, chunk_size=chunk_size)
@@ -83,6 +73,27 @@ def position_scores(module, inputs: dict, temperature: float, sigma: float, scal
     return tuple(scores + rows)
 
 
+def position_rows(module, inputs: dict, padding_free: bool, rows_head, wanted: torch.Tensor) -> torch.Tensor:
+    """`rows_head(hidden, lm_head)` at the `wanted` positions alone (`position_scores`' last output without its
+    token log-probs): what a pass that needs only the full-vocabulary rows runs (self-evolution's reference)."""
+    ids, common, _, wanted = _forward_args(module, inputs, padding_free, wanted)
+    head = partial(_rows, rows_head, rows=wanted[:, 1:].reshape(-1))
+    return module(input_ids=ids, head=head, **common).head_output
+
+
+def _forward_args(module, inputs: dict, padding_free: bool, wanted: torch.Tensor | None) -> tuple:
+    """(input ids, the other forward arguments, the kept positions, `wanted` in the same layout): packed into one
+    row with mRoPE positions when `padding_free` (`keep` maps back to the padded layout), else padded with a mask."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    common = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                  latent_embeds=inputs["latent_embeds"], latent_mode=True)
+    if not padding_free:
+        return ids, {**common, "attention_mask": mask}, None, wanted
+    positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
+    ids, positions, keep = pack(ids, mask, positions)
+    return ids, {**common, "position_ids": positions}, keep, None if wanted is None else wanted[keep][None]
+
+
 def _with_entropy(log_probs_head, hidden_states, lm_head, temperature: float, chunk_size: int) -> torch.Tensor:
     """(2, n): the next-token log-probs and the next-token entropies, one head output (not a view)."""
     return torch.stack([log_probs_head(hidden_states, lm_head),
@@ -90,10 +101,14 @@ def _with_entropy(log_probs_head, hidden_states, lm_head, temperature: float, ch
 
 
 def _with_rows(head, rows_head, hidden_states, lm_head, rows: torch.Tensor) -> tuple:
-    """(`head`'s output, `rows_head` of the hidden states at `rows` of hidden[:, :-1]): token t is predicted from
-    the hidden state at t − 1."""
-    selected = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])[rows]
-    return head(hidden_states, lm_head), rows_head(selected, lm_head)
+    """(`head`'s output, `_rows`)."""
+    return head(hidden_states, lm_head), _rows(rows_head, hidden_states, lm_head, rows)
+
+
+def _rows(rows_head, hidden_states, lm_head, rows: torch.Tensor):
+    """`rows_head` of the hidden states at `rows` of hidden[:, :-1]: token t is predicted from the hidden state at
+    t − 1."""
+    return rows_head(hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])[rows], lm_head)
 
 
 def unwrapped(module):

@@ -2,8 +2,8 @@
 
 - `kl=full`: the KL term is the exact KL(π_θ‖π_ref) over the whole vocabulary at each response text position
   (`algorithms.kl.full_vocab_kl`), the exact Gaussian KL at latent positions as always; the reference's
-  distributions come from one no-grad forward per micro-batch (the base with the adapters disabled, or the frozen
-  copy), and the policy's one forward with gradients gives both the loss's log-probs and the KL rows (a second head
+  distributions come from one no-grad forward per micro-batch that computes only them (`ShardedModel.rows`; the
+  base with the adapters disabled, or the frozen copy), and the policy's one forward with gradients gives both the loss's log-probs and the KL rows (a second head
   on `ShardedModel.scores`). The sampled-token estimate stays a metric (`actor/kl_sampled`).
 - `kl_coef_update=per_step`: β moves after every optimizer step with that step's KL (all ranks see the same
   all-reduced KL, so they move it alike), instead of once per role update.
@@ -51,8 +51,7 @@ def full_kl_ppo_loss(policy: Policy, micro, counts: GlobalCounts, cfg, kl_coef: 
     want = text_positions(micro, device, policy.model.latent_pad_id)
     temperature = cfg.temperature
     with torch.no_grad(), reference.use(None):  # first: switching adapters must not happen inside the policy's graph
-        *_, ref_rows = reference.scores(micro, cfg.ref_monet_rl_sigma, rows_head=partial(
-            _log_distributions, temperature=temperature), wanted=want)
+        ref_rows = reference.rows(micro, partial(_log_distributions, temperature=temperature), want)
     *scores, text_kl = policy.model.scores(micro, cfg.monet_rl_sigma, entropy=cfg.entropy_coeff > 0, rows_head=partial(
         _kl_rows, ref_rows=ref_rows, temperature=temperature), wanted=want)
     loss, shares, metrics = ppo_loss(policy, micro, counts, cfg, 0.0, tuple(scores))  # its sampled KL: a metric only

@@ -27,7 +27,7 @@ from monet_models.transformers import LatentQwen2_5_VLForConditionalGeneration, 
 from workers.actor.fsdp import shard_model
 from workers.actor.host_bucket import HostBucket, bucket_bytes_needed, row_sharded
 from workers.actor.lora import apply_lora, is_adapter_key, saved_adapter_key
-from workers.actor.model_inputs import micro_batches, model_inputs, position_scores, unwrapped
+from workers.actor.model_inputs import micro_batches, model_inputs, position_rows, position_scores, unwrapped
 
 
 class ShardedModel:
@@ -87,6 +87,10 @@ class ShardedModel:
                                  rows_head, wanted)
         width, per_position = micro.tensors["responses"].shape[1], (0, 2) if entropy else (0,)
         return tuple(value[:, -width:] if index in per_position else value for index, value in enumerate(scores))
+
+    def rows(self, micro, rows_head, wanted) -> torch.Tensor:
+        """`rows_head`'s rows at the `wanted` input positions of `micro` alone (`model_inputs.position_rows`)."""
+        return position_rows(self.module, model_inputs(micro, self.device), self.config.padding_free, rows_head, wanted)
 
     @property
     def latent_pad_id(self) -> int:

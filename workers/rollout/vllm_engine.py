@@ -38,6 +38,7 @@ LoRA: start with `lora_rank > 0`; `update_adapter(name, tensors, config)` serves
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +185,15 @@ def _peft_dict(config) -> dict:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in fields.items()}
 
 
+class _ThreadBindingNotice(logging.Filter):
+    """vLLM's CPU worker turns `torch.set_num_threads` into a warning once it has bound its threads, and vLLM's own
+    request renderers call it around every multimodal request: with the engine in this process that is one warning
+    per request, about vLLM's own call. Dropped; the thread count is set before the engine starts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """`RolloutEngine` on vLLM, in the calling process. Every rank of the caller's torch.distributed group builds its
     engine at the same time, and the ranks of one tensor-parallel group call `generate` / `update_*` together."""
@@ -199,6 +209,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.tokens = LatentTokens.from_tokenizer(tokenizer)
         self.real_vocab_size = len(tokenizer)
         kwargs = engine_kwargs(model_path, config, seed, lora_rank, max_loras, config_overrides)
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_ThreadBindingNotice())
         self._owns_group = join_process_group()
         try:
             self.llm = LLM(**kwargs)

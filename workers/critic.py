@@ -19,8 +19,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from algorithms import compute_value_loss
-from monet_models.transformers.packing import pack, unpack
-from workers.actor.model_inputs import micro_batches, model_inputs
+from monet_models.transformers.packing import unpack
+from workers.actor.model_inputs import forward_args, micro_batches, model_inputs
 from workers.actor.policy import Policy
 from workers.actor.sharded_model import load_on_rank0, shard_loaded
 from workers.actor.updates import GlobalCounts, optimizer_step, run_epochs
@@ -90,15 +90,8 @@ class CriticModel:
     # ---- values ----------------------------------------------------------------------------------------------
     def values(self, micro) -> torch.Tensor:
         """(B, R) V(s_t) at each response position of `micro`, with gradients in train mode."""
-        inputs = model_inputs(micro, self.device)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        common = {key: inputs[key] for key in ("pixel_values", "image_grid_thw", "latent_embeds")}
-        if self.config.padding_free:
-            positions, _ = self.module.backbone.mrope_positions(ids, mask, inputs["image_grid_thw"])
-            ids, positions, keep = pack(ids, mask, positions)
-            common["position_ids"] = positions
-        else:
-            common["attention_mask"] = mask
+        ids, common, keep, _ = forward_args(self.module.backbone, model_inputs(micro, self.device),
+                                            self.config.padding_free)
         values = torch.nn.functional.pad(self.module(input_ids=ids, **common)[:, :-1], (1, 0))
         if self.config.padding_free:
             values = unpack(values, keep)

@@ -55,13 +55,13 @@ def position_scores(module, inputs: dict, temperature: float, sigma: float, scal
     entropy is computed in the same head, chunk by chunk (a second lm_head product per chunk).
     """
     pad_id, latents = _latent_pad_id(module), inputs["latent_embeds"]
-    ids, common, keep, wanted = _forward_args(module, inputs, padding_free, wanted)
+    ids, common, keep, wanted = forward_args(unwrapped(module), inputs, padding_free, wanted)
     head = partial(next_token_log_probs, input_ids=ids, temperature=temperature, chunk_size=chunk_size)
     if entropy:
         head = partial(_with_entropy, head, temperature=temperature, chunk_size=chunk_size)
     if rows_head is not None:
         head = partial(_with_rows, head, rows_head, rows=wanted[:, 1:].reshape(-1))
-    out = module(input_ids=ids, head=head, **common)
+    out = module(input_ids=ids, head=head, latent_mode=True, **common)
     output, *rows = out.head_output if rows_head is not None else (out.head_output,)
     text = (output[0] if entropy else output).view(ids.shape[0], -1)
     values = with_latent_densities(text, out.hidden_states, ids, latents, pad_id, sigma, scale_by_dim)
@@ -76,20 +76,21 @@ def position_scores(module, inputs: dict, temperature: float, sigma: float, scal
 def position_rows(module, inputs: dict, padding_free: bool, rows_head, wanted: torch.Tensor) -> torch.Tensor:
     """`rows_head(hidden, lm_head)` at the `wanted` positions alone (`position_scores`' last output without its
     token log-probs): what a pass that needs only the full-vocabulary rows runs (self-evolution's reference)."""
-    ids, common, _, wanted = _forward_args(module, inputs, padding_free, wanted)
+    ids, common, _, wanted = forward_args(unwrapped(module), inputs, padding_free, wanted)
     head = partial(_rows, rows_head, rows=wanted[:, 1:].reshape(-1))
-    return module(input_ids=ids, head=head, **common).head_output
+    return module(input_ids=ids, head=head, latent_mode=True, **common).head_output
 
 
-def _forward_args(module, inputs: dict, padding_free: bool, wanted: torch.Tensor | None) -> tuple:
-    """(input ids, the other forward arguments, the kept positions, `wanted` in the same layout): packed into one
-    row with mRoPE positions when `padding_free` (`keep` maps back to the padded layout), else padded with a mask."""
+def forward_args(model, inputs: dict, padding_free: bool, wanted: torch.Tensor | None = None) -> tuple:
+    """(input ids, the other forward arguments, the kept positions, `wanted` in the same layout) of `model_inputs`:
+    packed into one row with `model`'s mRoPE positions when `padding_free` (`keep` maps back to the padded layout,
+    `packing.unpack`), else padded with a mask. `model`: the latent model (unwrapped), whose positions they are."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     common = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                  latent_embeds=inputs["latent_embeds"], latent_mode=True)
+                  latent_embeds=inputs["latent_embeds"])
     if not padding_free:
         return ids, {**common, "attention_mask": mask}, None, wanted
-    positions, _ = unwrapped(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
+    positions, _ = model.mrope_positions(ids, mask, inputs["image_grid_thw"])
     ids, positions, keep = pack(ids, mask, positions)
     return ids, {**common, "position_ids": positions}, keep, None if wanted is None else wanted[keep][None]
 

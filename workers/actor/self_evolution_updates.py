@@ -3,8 +3,8 @@
 - `kl=full`: the KL term is the exact KL(π_θ‖π_ref) over the whole vocabulary at each response text position
   (`algorithms.kl.full_vocab_kl`), the exact Gaussian KL at latent positions as always; the reference's
   distributions come from one no-grad forward per micro-batch that computes only them (`ShardedModel.rows`; the
-  base with the adapters disabled, or the frozen copy), and the policy's one forward with gradients gives both the loss's log-probs and the KL rows (a second head
-  on `ShardedModel.scores`). The sampled-token estimate stays a metric (`actor/kl_sampled`).
+  base with the adapters disabled, or the frozen copy), and the policy's one forward with gradients gives both the
+  loss's log-probs and the KL rows (a second head on `ShardedModel.scores`). The sampled-token estimate stays a metric (`actor/kl_sampled`).
 - `kl_coef_update=per_step`: β moves after every optimizer step with that step's KL (all ranks see the same
   all-reduced KL, so they move it alike), instead of once per role update.
 """

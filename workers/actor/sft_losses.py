@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from common.atomic import atomic_path
 from monet_models.transformers.latent_recurrence import (base_model, captured_layers, count_rounds, image_features,
                                                          recurrent_latent_forward)
-from monet_models.transformers.packing import pack, unpack
+from monet_models.transformers.packing import unpack
+from workers.actor.model_inputs import forward_args
 from workers.actor.policy import Policy
 from workers.actor.updates import GlobalCounts, optimizer_step, run_epochs
 
@@ -70,16 +71,11 @@ def synced_rounds(inputs: dict, pad_id: int, view) -> int:
 def packed_forward(module, inputs: dict, padding_free: bool, *, latent_embeds=None, layers=(),
                    compute_logits: bool = True) -> tuple:
     """(logits, hidden, {layer: states}) of a teacher-forced pass, padding-free when asked, in the padded layout."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    common = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                  latent_embeds=latent_embeds, compute_logits=compute_logits, latent_mode=True)
+    ids, common, keep, _ = forward_args(base_model(module), {**inputs, "latent_embeds": latent_embeds}, padding_free)
     with captured_layers(module, layers) as calls:
-        if not padding_free:
-            out = module(input_ids=ids, attention_mask=mask, **common)
-            return out.logits, out.hidden_states, {i: values[0] for i, values in calls.items()}
-        positions, _ = base_model(module).mrope_positions(ids, mask, inputs["image_grid_thw"])
-        packed_ids, packed_positions, keep = pack(ids, mask, positions)
-        out = module(input_ids=packed_ids, position_ids=packed_positions, **common)
+        out = module(input_ids=ids, compute_logits=compute_logits, latent_mode=True, **common)
+    if not padding_free:
+        return out.logits, out.hidden_states, {i: values[0] for i, values in calls.items()}
     logits = unpack(out.logits, keep) if compute_logits else None
     return logits, unpack(out.hidden_states, keep), {i: unpack(values[0], keep) for i, values in calls.items()}
 
